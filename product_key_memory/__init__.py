@@ -1,0 +1,18 @@
+"""Product-key memory layers for PyTorch (Lample et al. 2019, arXiv 1907.05242)."""
+
+from . import functional
+from .norms import MaskedBatchNorm, QueryLayerNorm
+from .optim import fetch_optimizer_parameters, fetch_pkm_value_parameters
+from .pkm import PKM, ProductKeyMemory
+
+__version__ = "0.4.0"
+
+__all__ = [
+    "PKM",
+    "ProductKeyMemory",
+    "MaskedBatchNorm",
+    "QueryLayerNorm",
+    "fetch_pkm_value_parameters",
+    "fetch_optimizer_parameters",
+    "functional",
+]

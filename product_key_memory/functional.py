@@ -1,0 +1,227 @@
+"""Stateless core of a product-key memory (Lample et al. 2019, arXiv 1907.05242).
+
+Two pieces, each with a plain reference beside the path the modules use:
+
+* the product-key search: queries and sub-keys -> the ``topk`` best slots of a
+  ``num_keys ** 2`` table and their scores;
+* the value read: value table, slot indices and weights -> weighted sum of rows.
+
+Layouts used throughout (``...`` is any number of leading token dims):
+
+* queries     ``(..., heads, 2, dim_key)``   the two half-queries of each head
+* keys        ``(heads, 2, num_keys, dim_key)``
+* sub-scores  ``(..., heads, 2, num_keys)``
+* slots       ``(..., heads, topk)``, slot ``i1 * num_keys + i2``
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "subkey_scores",
+    "candidate_pairs",
+    "product_topk",
+    "product_topk_reference",
+    "product_key_search",
+    "brute_force_search",
+    "value_read",
+    "value_read_reference",
+]
+
+TopkFn = Callable[[Tensor, int], Tuple[Tensor, Tensor]]
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    # scores are never computed below float32; float64 stays float64 (gradcheck)
+    return torch.promote_types(dtype, torch.float32)
+
+
+def subkey_scores(queries: Tensor, keys: Tensor) -> Tensor:
+    """Dot products of every half-query with every sub-key of its head and half.
+
+    Args:
+        queries: ``(..., heads, 2, dim_key)``.
+        keys: ``(heads, 2, num_keys, dim_key)``.
+
+    Returns:
+        ``(..., heads, 2, num_keys)`` in float32 (or float64 for float64 input),
+        computed outside autocast so mixed precision never lowers score precision.
+    """
+    dtype = _score_dtype(torch.promote_types(queries.dtype, keys.dtype))
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        return torch.einsum("...hpd,hpnd->...hpn", queries.to(dtype), keys.to(dtype))
+
+
+def candidate_pairs(topk: int, device: Optional[torch.device] = None) -> Tensor:
+    """Positions ``(a, b)`` in two descending top-k lists whose sum can reach the top-k.
+
+    The pair ``(a, b)`` is beaten by every ``(a', b')`` with ``a' <= a, b' <= b``,
+    that is by ``(a + 1) * (b + 1) - 1`` others, so only pairs with
+    ``(a + 1) * (b + 1) <= topk`` can be among the ``topk`` best sums:
+    about ``topk * ln(topk)`` of the ``topk ** 2`` grid.
+
+    Returns:
+        long tensor ``(2, num_pairs)``: row 0 the positions in the first list, row 1 in the second.
+    """
+    pairs = [(a, b) for a in range(topk) for b in range(topk // (a + 1))]
+    return torch.tensor(pairs, dtype=torch.long, device=device).t().contiguous()
+
+
+def _split_halves(scores: Tensor, indices: Tensor):
+    return scores.unbind(-2), indices.unbind(-2)
+
+
+def product_topk(
+    sub_scores: Tensor,
+    topk: int,
+    *,
+    subkey_topk: Optional[TopkFn] = None,
+    pairs: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Best ``topk`` slots from sub-key scores, scoring only the candidates that can win.
+
+    Args:
+        sub_scores: ``(..., heads, 2, num_keys)``.
+        topk: slots to return per head, ``1 <= topk <= num_keys``.
+        subkey_topk: replaces ``torch.topk`` for the per-half selection (e.g. a
+            differentiable top-k); it must return values sorted in descending order.
+        pairs: the output of :func:`candidate_pairs` for ``topk`` (pass it to avoid
+            rebuilding it on every call).
+
+    Returns:
+        ``scores, indices``, both ``(..., heads, topk)``, sorted by descending score;
+        ``indices`` are slots ``i1 * num_keys + i2``.
+    """
+    num_keys = sub_scores.shape[-1]
+    if subkey_topk is None:
+        best, best_idx = sub_scores.topk(topk, dim=-1)
+    else:
+        best, best_idx = subkey_topk(sub_scores, topk)
+    (s1, s2), (i1, i2) = _split_halves(best, best_idx)
+    if pairs is None:
+        pairs = candidate_pairs(topk, sub_scores.device)
+    a, b = pairs[0], pairs[1]
+    cand_scores = s1.index_select(-1, a) + s2.index_select(-1, b)  # (..., heads, P)
+    cand_slots = i1.index_select(-1, a) * num_keys + i2.index_select(-1, b)
+    scores, pos = cand_scores.topk(topk, dim=-1)
+    return scores, cand_slots.gather(-1, pos)
+
+
+def product_topk_reference(
+    sub_scores: Tensor, topk: int, *, subkey_topk: Optional[TopkFn] = None
+) -> Tuple[Tensor, Tensor]:
+    """The paper's two-stage search: all ``topk ** 2`` sums of the two top-k lists."""
+    num_keys = sub_scores.shape[-1]
+    if subkey_topk is None:
+        best, best_idx = sub_scores.topk(topk, dim=-1)
+    else:
+        best, best_idx = subkey_topk(sub_scores, topk)
+    (s1, s2), (i1, i2) = _split_halves(best, best_idx)
+    grid = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (..., heads, topk * topk)
+    grid_slots = (i1.unsqueeze(-1) * num_keys + i2.unsqueeze(-2)).flatten(-2)
+    scores, pos = grid.topk(topk, dim=-1)
+    return scores, grid_slots.gather(-1, pos)
+
+
+def product_key_search(
+    queries: Tensor,
+    keys: Tensor,
+    topk: int,
+    *,
+    subkey_topk: Optional[TopkFn] = None,
+    pairs: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Queries ``(..., heads, 2, dim_key)`` and keys ``(heads, 2, num_keys, dim_key)``
+    -> ``scores, indices`` of the ``topk`` best slots per head, ``(..., heads, topk)``."""
+    return product_topk(subkey_scores(queries, keys), topk, subkey_topk=subkey_topk, pairs=pairs)
+
+
+def brute_force_search(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
+    """Scores every one of the ``num_keys ** 2`` slots and keeps the best ``topk``.
+
+    The specification the two-stage search must match; memory grows with
+    ``num_keys ** 2``, so it is for tests and small tables only.
+    """
+    sub = subkey_scores(queries, keys)
+    s1, s2 = sub.unbind(-2)  # (..., heads, num_keys)
+    full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (..., heads, num_keys ** 2)
+    return full.topk(topk, dim=-1)
+
+
+def _check_read_args(values: Tensor, indices: Tensor, weights: Optional[Tensor], trainable: Optional[Tensor]):
+    if values.dim() != 2:
+        raise ValueError(f"values must be a (num_slots, dim) table, got shape {tuple(values.shape)}")
+    if indices.dim() < 1:
+        raise ValueError("indices must have at least one dim (the slots read per output row)")
+    if weights is not None and weights.shape != indices.shape:
+        raise ValueError(
+            f"weights must have the shape of indices {tuple(indices.shape)}, got {tuple(weights.shape)}"
+        )
+    if trainable is not None and (trainable.dtype != torch.bool or trainable.shape != values.shape[:1]):
+        raise ValueError(
+            f"trainable must be a bool tensor of shape ({values.shape[0]},), "
+            f"got {trainable.dtype} of shape {tuple(trainable.shape)}"
+        )
+
+
+def value_read_reference(
+    values: Tensor, indices: Tensor, weights: Optional[Tensor] = None, *, trainable: Optional[Tensor] = None
+) -> Tensor:
+    """Weighted sum of value rows, written as plainly as possible.
+
+    Args:
+        values: ``(num_slots, dim)``.
+        indices: ``(..., m)`` slots read for each output row.
+        weights: ``(..., m)`` or ``None`` for an unweighted sum.
+        trainable: optional bool ``(num_slots,)``; rows outside it get no gradient
+            (sparse memory finetuning). The output and the gradient of ``weights`` are unchanged.
+
+    Returns:
+        ``(..., dim)``
+    """
+    _check_read_args(values, indices, weights, trainable)
+    rows = F.embedding(indices, values)  # (..., m, dim)
+    if trainable is not None:
+        rows = torch.where(trainable[indices].unsqueeze(-1), rows, rows.detach())
+    if weights is None:
+        return rows.sum(-2)
+    return (rows * weights.to(rows.dtype).unsqueeze(-1)).sum(-2)
+
+
+def value_read(
+    values: Tensor,
+    indices: Tensor,
+    weights: Optional[Tensor] = None,
+    *,
+    trainable: Optional[Tensor] = None,
+    sparse: bool = False,
+) -> Tensor:
+    """Same result as :func:`value_read_reference`, through ``F.embedding_bag``.
+
+    ``sparse=True`` makes the gradient of ``values`` a sparse tensor holding only the
+    rows read (for ``torch.optim.SparseAdam``).
+    """
+    _check_read_args(values, indices, weights, trainable)
+    lead, m = indices.shape[:-1], indices.shape[-1]
+    flat_idx = indices.reshape(-1, m)
+    flat_w = None if weights is None else weights.reshape(-1, m).to(values.dtype)
+    if trainable is None:
+        out = F.embedding_bag(flat_idx, values, mode="sum", per_sample_weights=flat_w, sparse=sparse)
+    else:
+        # two bags: trainable rows read the live table, the rest a detached view of it
+        keep = trainable[flat_idx].to(values.dtype)
+        w = keep.new_ones(keep.shape) if flat_w is None else flat_w
+        out = F.embedding_bag(flat_idx, values, mode="sum", per_sample_weights=w * keep, sparse=sparse)
+        out = out + F.embedding_bag(flat_idx, values.detach(), mode="sum", per_sample_weights=w * (1 - keep))
+    return out.view(*lead, values.shape[1])
+
+
+def gumbel_noise_like(t: Tensor) -> Tensor:
+    """Standard Gumbel noise with the shape, dtype and device of ``t``."""
+    u = torch.rand_like(t).clamp_(min=1e-20, max=1.0 - 1e-7)
+    return -torch.log(-torch.log(u))

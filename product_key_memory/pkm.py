@@ -1,0 +1,273 @@
+"""The product-key memory layer (Lample et al. 2019, arXiv 1907.05242)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as PF
+from .norms import MaskedBatchNorm, QueryLayerNorm
+
+__all__ = ["PKM", "ProductKeyMemory"]
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_probability(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+
+
+class PKM(nn.Module):
+    r"""Product-key memory: a drop-in replacement for a transformer feedforward.
+
+    Each token makes ``heads`` queries. A query is split into two halves; each half
+    scores its own ``num_keys`` sub-keys, the ``topk`` best of each half combine into
+    candidates over a table of ``num_keys ** 2`` slots, the best ``topk`` slots are
+    weighted by a softmax over their scores, and their value rows are summed over all
+    heads.
+
+    Args:
+        dim: size of the input and output features.
+        heads: number of query heads, each selecting its own ``topk`` slots.
+        num_keys: sub-keys per half; the table holds ``num_keys ** 2`` slots.
+        topk: slots read per head (``1 <= topk <= num_keys``).
+        dim_head: size of each half-query and sub-key.
+        input_dropout, query_dropout, value_dropout, attn_dropout: dropout on the
+            input, the normalised queries, the output and the slot weights.
+        use_layernorm: normalise each half-query with a LayerNorm (default). With
+            ``False``, a batch norm over the query features whose statistics leave
+            out padded tokens (the paper's setting; it mixes tokens of a batch, so
+            it is not causal at training time).
+        pre_layernorm: LayerNorm the input first.
+        differentiable_topk: select sub-keys with the coordinate-descent top-k of
+            ``colt5_attention``, which passes gradient to the sub-key scores.
+        concat_values_and_combine: each head reads its own ``dim_head``-wide values;
+            the heads are concatenated and projected to ``dim``.
+        norm_output: LayerNorm the output (arXiv 2302.06461).
+        non_competitive_gates: ReLU instead of a softmax over the slot scores
+            (Csordas et al. 2023, arXiv 2310.10837).
+
+    Keyword-only args:
+        values: a module whose ``weight`` is the ``(num_keys ** 2, D)`` value table,
+            to share one table between layers. ``D`` is ``dim`` (``dim_head`` with
+            ``concat_values_and_combine``). It is used as given, not re-initialised.
+        device, dtype: factory kwargs for every parameter.
+
+    Shape:
+        - x: ``(..., dim)``; ``input_mask``: ``x.shape[:-1]``, bool, ``True`` for real tokens.
+        - ``mem_trainable_mask``: ``(num_keys ** 2,)`` bool, the value rows that may learn.
+        - output: ``(..., dim)``; zero where ``input_mask`` is ``False``.
+
+    Examples::
+
+        >>> pkm = PKM(dim=512, heads=4, num_keys=256, topk=32, dim_head=128)
+        >>> x = torch.randn(2, 1024, 512)
+        >>> pkm(x).shape
+        torch.Size([2, 1024, 512])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 4,
+        num_keys: int = 128,
+        topk: int = 32,
+        dim_head: int = 128,
+        input_dropout: float = 0.0,
+        query_dropout: float = 0.0,
+        value_dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        use_layernorm: bool = True,
+        pre_layernorm: bool = False,
+        differentiable_topk: bool = False,
+        concat_values_and_combine: bool = False,
+        norm_output: bool = False,
+        non_competitive_gates: bool = False,
+        *,
+        values: Optional[nn.Module] = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        for name, value in (("dim", dim), ("heads", heads), ("num_keys", num_keys), ("topk", topk), ("dim_head", dim_head)):
+            _check_positive_int(name, value)
+        if topk > num_keys:
+            raise ValueError(f"topk must be at most num_keys={num_keys}, got topk={topk}")
+        for name, value in (
+            ("input_dropout", input_dropout),
+            ("query_dropout", query_dropout),
+            ("value_dropout", value_dropout),
+            ("attn_dropout", attn_dropout),
+        ):
+            _check_probability(name, value)
+        factory = dict(device=device, dtype=dtype)
+
+        self.dim = dim
+        self.heads = heads
+        self.num_keys = num_keys
+        self.topk = topk
+        self.dim_head = dim_head
+        self.num_memories = num_keys**2
+        self.use_layernorm = use_layernorm
+        self.differentiable_topk = differentiable_topk
+        self.concat_values_and_combine = concat_values_and_combine
+        self.non_competitive_gates = non_competitive_gates
+
+        self.pre_layernorm = nn.LayerNorm(dim, **factory) if pre_layernorm else nn.Identity()
+        self.input_dropout = nn.Dropout(input_dropout)
+        self.to_queries = nn.Linear(dim, 2 * heads * dim_head, bias=False, **factory)  # rows ordered (half, head, d)
+        self.norm = QueryLayerNorm(dim_head, **factory) if use_layernorm else MaskedBatchNorm(dim_head, **factory)
+        self.query_dropout = nn.Dropout(query_dropout)
+        # 0.3.0 layout (heads, num_keys, half, dim_head); searched through a transposed view
+        self.keys = nn.Parameter(torch.empty(heads, num_keys, 2, dim_head, **factory))
+        self.attn_dropout = nn.Dropout(attn_dropout)
+
+        value_dim = dim_head if concat_values_and_combine else dim
+        self._owns_values = values is None
+        if values is None:
+            values = nn.EmbeddingBag(self.num_memories, value_dim, mode="sum", **factory)
+        else:
+            weight = getattr(values, "weight", None)
+            if not isinstance(weight, Tensor) or tuple(weight.shape) != (self.num_memories, value_dim):
+                got = None if not isinstance(weight, Tensor) else tuple(weight.shape)
+                raise ValueError(
+                    f"values must be a module whose weight has shape (num_keys ** 2, {value_dim}) = "
+                    f"({self.num_memories}, {value_dim}), got weight shape {got}"
+                )
+        self.values = values
+        self.combine = nn.Linear(heads * dim_head, dim, bias=False, **factory) if concat_values_and_combine else None
+        self.value_dropout = nn.Dropout(value_dropout)
+        self.output_norm = nn.LayerNorm(dim, **factory) if norm_output else nn.Identity()
+
+        self.register_buffer("pairs", PF.candidate_pairs(topk, device=device), persistent=False)
+        self._register_load_state_dict_pre_hook(_rename_legacy_keys)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Keys and (owned) values ~ N(0, 1 / last dim), as 0.3.0; the query projection as ``nn.Linear``."""
+        nn.init.normal_(self.keys, std=1.0 / math.sqrt(self.dim_head))
+        if self._owns_values:
+            nn.init.normal_(self.values.weight, std=1.0 / math.sqrt(self.values.weight.shape[-1]))
+        self.to_queries.reset_parameters()
+        for module in (self.pre_layernorm, self.norm, self.combine, self.output_norm):
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    # -- the three stages, usable on their own -------------------------------------------------
+
+    def queries(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Flat tokens ``(N, dim)`` -> normalised queries ``(N, heads, 2, dim_head)``."""
+        x = self.input_dropout(self.pre_layernorm(x))
+        q = self.to_queries(x).unflatten(-1, (2, self.heads, self.dim_head))  # (N, 2, H, d)
+        q = self.query_dropout(self.norm(q, mask))
+        return q.transpose(1, 2)  # (N, H, 2, d)
+
+    def search(self, queries: Tensor, gumbel_noise_scale: float = 0.0):
+        """Queries ``(N, heads, 2, dim_head)`` -> slot weights and slots, ``(N, heads, topk)``."""
+        sub = PF.subkey_scores(queries, self.keys.transpose(1, 2))  # (N, H, 2, num_keys)
+        if gumbel_noise_scale > 0.0 and self.training:
+            sub = sub + PF.gumbel_noise_like(sub) * gumbel_noise_scale
+        subkey_topk = _coor_descent_topk if self.differentiable_topk else None
+        scores, indices = PF.product_topk(sub, self.topk, subkey_topk=subkey_topk, pairs=self.pairs)
+        if self.non_competitive_gates:
+            weights = torch.relu(scores)
+        else:
+            weights = scores.softmax(dim=-1)
+        return self.attn_dropout(weights), indices
+
+    def read(self, indices: Tensor, weights: Tensor, mem_trainable_mask: Optional[Tensor] = None) -> Tensor:
+        """Slots and weights ``(N, heads, topk)`` -> output ``(N, dim)`` before dropout and norm."""
+        table = self.values.weight
+        sparse = bool(getattr(self.values, "sparse", False))
+        if self.combine is not None:
+            per_head = PF.value_read(table, indices, weights, trainable=mem_trainable_mask, sparse=sparse)  # (N, H, d)
+            return self.combine(per_head.flatten(-2))
+        flat = (indices.flatten(-2), weights.flatten(-2))  # (N, H * topk)
+        return PF.value_read(table, *flat, trainable=mem_trainable_mask, sparse=sparse)
+
+    def forward(
+        self,
+        x: Tensor,
+        input_mask: Optional[Tensor] = None,
+        mem_trainable_mask: Optional[Tensor] = None,
+        gumbel_noise_scale: float = 0.0,
+    ) -> Tensor:
+        lead = self._check_input(x, input_mask, mem_trainable_mask, gumbel_noise_scale)
+        x = x.reshape(-1, self.dim)  # (N, dim)
+        mask = None
+        if input_mask is not None:
+            mask = input_mask.reshape(-1)
+            x = torch.where(mask.unsqueeze(-1), x, 0.0)  # padded garbage (even NaN) never flows anywhere
+
+        q = self.queries(x, mask)
+        weights, indices = self.search(q, gumbel_noise_scale)
+        if mask is not None:
+            weights = torch.where(mask.view(-1, 1, 1), weights, 0.0)
+        out = self.read(indices, weights.to(self.values.weight.dtype), mem_trainable_mask)
+        out = self.output_norm(self.value_dropout(out))
+        if mask is not None:
+            out = torch.where(mask.unsqueeze(-1), out, 0.0)
+        return out.view(*lead, self.dim)
+
+    def _check_input(self, x, input_mask, mem_trainable_mask, gumbel_noise_scale):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (..., dim={self.dim}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating point tensor, got dtype {x.dtype}")
+        lead = x.shape[:-1]
+        if input_mask is not None:
+            if not isinstance(input_mask, Tensor) or input_mask.dtype != torch.bool:
+                got = input_mask.dtype if isinstance(input_mask, Tensor) else type(input_mask).__name__
+                raise TypeError(f"input_mask must be a bool tensor, got {got}")
+            if input_mask.shape != lead:
+                raise ValueError(
+                    f"input_mask must have shape x.shape[:-1] = {tuple(lead)}, got {tuple(input_mask.shape)}"
+                )
+        if mem_trainable_mask is not None:
+            if not isinstance(mem_trainable_mask, Tensor) or mem_trainable_mask.dtype != torch.bool:
+                got = mem_trainable_mask.dtype if isinstance(mem_trainable_mask, Tensor) else type(mem_trainable_mask).__name__
+                raise TypeError(f"mem_trainable_mask must be a bool tensor, got {got}")
+            if mem_trainable_mask.shape != (self.num_memories,):
+                raise ValueError(
+                    f"mem_trainable_mask must have shape (num_keys ** 2,) = ({self.num_memories},), "
+                    f"got {tuple(mem_trainable_mask.shape)}"
+                )
+        if isinstance(gumbel_noise_scale, bool) or not isinstance(gumbel_noise_scale, (int, float)) or gumbel_noise_scale < 0:
+            raise ValueError(f"gumbel_noise_scale must be a non-negative float, got {gumbel_noise_scale!r}")
+        return lead
+
+    def extra_repr(self) -> str:
+        s = f"dim={self.dim}, heads={self.heads}, num_keys={self.num_keys}, topk={self.topk}, dim_head={self.dim_head}"
+        for flag in ("differentiable_topk", "concat_values_and_combine", "non_competitive_gates"):
+            if getattr(self, flag):
+                s += f", {flag}=True"
+        return s
+
+
+ProductKeyMemory = PKM
+
+
+def _coor_descent_topk(scores: Tensor, k: int):
+    from colt5_attention import topk as coor_descent_topk
+
+    values, indices, *_ = coor_descent_topk(scores, k=k, fused=True)
+    return values, indices
+
+
+_LEGACY_NAMES = {"maybe_concat_combine.2.weight": "combine.weight"}
+
+
+def _rename_legacy_keys(state_dict, prefix, *args):
+    # product-key-memory 0.3.0 kept the concat projection inside an nn.Sequential
+    for old, new in _LEGACY_NAMES.items():
+        if prefix + old in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
