@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["QueryLayerNorm", "MaskedBatchNorm"]
@@ -73,7 +72,7 @@ class MaskedBatchNorm(nn.Module):
                 unbiased = var * count / (count - 1).clamp(min=1.0)
                 bn.running_mean.copy_(torch.where(has, torch.lerp(bn.running_mean, mean.to(bn.running_mean.dtype), momentum), bn.running_mean))
                 bn.running_var.copy_(torch.where(has, torch.lerp(bn.running_var, unbiased.to(bn.running_var.dtype), momentum), bn.running_var))
-        out = (x.to(stat_dtype) - mean) * torch.rsqrt(var + bn.eps)
+        out = (xs - mean) * torch.rsqrt(var + bn.eps)  # padded rows come out finite, and are the caller's to drop
         if bn.affine:
             out = out * bn.weight + bn.bias
         return out.reshape(-1, c).to(x.dtype)
