@@ -259,3 +259,14 @@ def test_cuda_matches_cpu():
     pkm = small_pkm(dtype=torch.float32).eval()
     x = torch.randn(4, SMALL["dim"])
     torch.testing.assert_close(pkm.cuda()(x.cuda()).cpu(), pkm.cpu()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_low_precision_parameters_keep_float32_scores():
+    pkm = PKM(**SMALL, dtype=torch.bfloat16)
+    x = torch.randn(3, 4, SMALL["dim"], dtype=torch.bfloat16)
+    weights, slots = pkm.search(pkm.queries(x.reshape(-1, SMALL["dim"])))
+    assert weights.dtype == torch.float32 and slots.dtype == torch.long
+    out = pkm(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert pkm.values.weight.grad.dtype == torch.bfloat16
