@@ -4,6 +4,8 @@ from . import functional
 from .norms import MaskedBatchNorm, QueryLayerNorm
 from .optim import fetch_optimizer_parameters, fetch_pkm_value_parameters
 from .pkm import PKM, ProductKeyMemory
+from .usage import MemoryUsageTracker, save_usage_plot, usage_statistics
+from .xlm import from_xlm
 
 __version__ = "0.4.0"
 
@@ -15,4 +17,8 @@ __all__ = [
     "fetch_pkm_value_parameters",
     "fetch_optimizer_parameters",
     "functional",
+    "from_xlm",
+    "MemoryUsageTracker",
+    "usage_statistics",
+    "save_usage_plot",
 ]

@@ -31,6 +31,7 @@ __all__ = [
     "brute_force_search",
     "value_read",
     "value_read_reference",
+    "rescore",
 ]
 
 TopkFn = Callable[[Tensor, int], Tuple[Tensor, Tensor]]
@@ -225,3 +226,45 @@ def gumbel_noise_like(t: Tensor) -> Tensor:
     """Standard Gumbel noise with the shape, dtype and device of ``t``."""
     u = torch.rand_like(t).clamp_(min=1e-20, max=1.0 - 1e-7)
     return -torch.log(-torch.log(u))
+
+
+SCORE_SUBTRACTS = ("min", "mean", "median")
+SCORE_ACTIVATIONS = ("softmax", "relu", "none")
+
+
+def rescore(
+    scores: Tensor,
+    *,
+    temperature: float = 1.0,
+    activation: str = "softmax",
+    subtract: Optional[str] = None,
+    normalize: bool = False,
+) -> Tensor:
+    """Slot scores ``(..., topk)`` -> slot weights, in float32 (float64 stays float64).
+
+    In this order, as the reference implementation of arXiv 1907.05242 does:
+    divide by ``temperature``; ``activation`` ``"softmax"`` (default), ``"relu"``
+    (non-competitive gates, arXiv 2310.10837) or ``"none"``; ``subtract`` the
+    ``"min"``, ``"mean"`` or ``"median"`` (the lower middle for even ``topk``, as
+    ``torch.median``) of each row; ``normalize`` each row to unit L1 norm.
+    """
+    if activation not in SCORE_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {SCORE_ACTIVATIONS}, got {activation!r}")
+    if subtract is not None and subtract not in SCORE_SUBTRACTS:
+        raise ValueError(f"subtract must be None or one of {SCORE_SUBTRACTS}, got {subtract!r}")
+    s = scores.to(_score_dtype(scores.dtype))
+    if temperature != 1.0:
+        s = s / temperature
+    if activation == "softmax":
+        s = s.softmax(dim=-1)
+    elif activation == "relu":
+        s = torch.relu(s)
+    if subtract == "min":
+        s = s - s.amin(dim=-1, keepdim=True)
+    elif subtract == "mean":
+        s = s - s.mean(dim=-1, keepdim=True)
+    elif subtract == "median":
+        s = s - s.median(dim=-1, keepdim=True).values
+    if normalize:
+        s = F.normalize(s, p=1.0, dim=-1)
+    return s

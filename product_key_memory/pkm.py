@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as PF
-from .norms import MaskedBatchNorm, QueryLayerNorm
+from .query import QUERY_NORMS, QueryMLP, query_norm as make_query_norm
 
 __all__ = ["PKM", "ProductKeyMemory"]
 
@@ -22,6 +22,15 @@ def _check_positive_int(name: str, value) -> None:
 def _check_probability(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+KEY_INITS = ("normal", "uniform")
+VALUE_INITS = ("normal", "zeros")
 
 
 class PKM(nn.Module):
@@ -54,11 +63,38 @@ class PKM(nn.Module):
         non_competitive_gates: ReLU instead of a softmax over the slot scores
             (Csordas et al. 2023, arXiv 2310.10837).
 
-    Keyword-only args:
-        values: a module whose ``weight`` is the ``(num_keys ** 2, D)`` value table,
-            to share one table between layers. ``D`` is ``dim`` (``dim_head`` with
-            ``concat_values_and_combine``). It is used as given, not re-initialised.
+    Keyword-only args (the defaults are product-key-memory 0.3.0; see the README's
+    "Reproducing the paper's layer" for the settings of the paper's reference code):
+        values: a module whose ``weight`` is the ``(num_keys ** 2, value_dim)`` value
+            table, to share one table between layers. It is used as given, not
+            re-initialised; its ``sparse`` attribute decides the gradient layout.
+        query_bias: give the query projection (and hidden layers) a bias.
+        query_hidden: sizes of hidden layers before the query projection, each
+            ``Linear, [BatchNorm], ReLU`` (:class:`~product_key_memory.query.QueryMLP`).
+        query_hidden_batchnorm: a masked batch norm after each hidden linear layer.
+        query_norm: ``"layernorm"``, ``"batchnorm"`` (over ``dim_head`` features, shared
+            by heads and halves), ``"channel_batchnorm"`` (one statistic per query
+            channel, as the paper's code) or ``"none"``; ``None`` follows ``use_layernorm``.
+            Batch norms leave padded tokens out of their statistics.
+        temperature: slot scores are divided by it before the softmax.
+        score_softmax: softmax over the ``topk`` slot scores (``False``: raw scores).
+        score_subtract: ``None``, ``"min"``, ``"mean"`` or ``"median"``, subtracted
+            from the weights after the softmax.
+        score_normalize: L1-normalise the weights last.
+        value_dim: width of the value rows (default ``dim``, or ``dim_head`` with
+            ``concat_values_and_combine``); a linear ``value_proj`` maps them to ``dim``
+            when they differ.
+        key_init: ``"normal"`` (std ``dim_head ** -0.5``, 0.3.0) or ``"uniform"``
+            (``±dim_head ** -0.5``, the paper's code).
+        value_init: ``"normal"`` (std ``value_dim ** -0.5``) or ``"zeros"``.
+        freeze_keys: keys get no gradient (``requires_grad=False``).
+        sparse_values: sparse value gradients, for ``torch.optim.SparseAdam``.
         device, dtype: factory kwargs for every parameter.
+
+    Attributes:
+        usage_hook: ``None``, or a callable ``(indices, weights, mask)`` called after each
+            search with slots and weights ``(N, heads, topk)`` and the token mask ``(N,)``
+            (or ``None``); :class:`~product_key_memory.usage.MemoryUsageTracker` sets it.
 
     Shape:
         - x: ``(..., dim)``; ``input_mask``: ``x.shape[:-1]``, bool, ``True`` for real tokens.
@@ -92,6 +128,19 @@ class PKM(nn.Module):
         non_competitive_gates: bool = False,
         *,
         values: Optional[nn.Module] = None,
+        query_bias: bool = False,
+        query_hidden: Sequence[int] = (),
+        query_hidden_batchnorm: bool = False,
+        query_norm: Optional[str] = None,
+        temperature: float = 1.0,
+        score_softmax: bool = True,
+        score_subtract: Optional[str] = None,
+        score_normalize: bool = False,
+        value_dim: Optional[int] = None,
+        key_init: str = "normal",
+        value_init: str = "normal",
+        freeze_keys: bool = False,
+        sparse_values: bool = False,
         device=None,
         dtype=None,
     ):
@@ -107,6 +156,24 @@ class PKM(nn.Module):
             ("attn_dropout", attn_dropout),
         ):
             _check_probability(name, value)
+        if query_norm is None:
+            query_norm = "layernorm" if use_layernorm else "batchnorm"
+        _check_choice("query_norm", query_norm, QUERY_NORMS)
+        if not use_layernorm and query_norm != "batchnorm":
+            raise ValueError(
+                f"use_layernorm=False means query_norm='batchnorm', got query_norm={query_norm!r}: pass only query_norm"
+            )
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a positive float, got {temperature!r}")
+        _check_choice("score_subtract", score_subtract, (None,) + PF.SCORE_SUBTRACTS)
+        if non_competitive_gates and not score_softmax:
+            raise ValueError("non_competitive_gates replaces the softmax by a ReLU; it cannot be combined with score_softmax=False")
+        _check_choice("key_init", key_init, KEY_INITS)
+        _check_choice("value_init", value_init, VALUE_INITS)
+        if value_dim is not None:
+            _check_positive_int("value_dim", value_dim)
+        if not isinstance(query_hidden, (list, tuple)):
+            raise TypeError(f"query_hidden must be a list or tuple of hidden sizes, got {query_hidden!r}")
         factory = dict(device=device, dtype=dtype)
 
         self.dim = dim
@@ -115,25 +182,40 @@ class PKM(nn.Module):
         self.topk = topk
         self.dim_head = dim_head
         self.num_memories = num_keys**2
-        self.use_layernorm = use_layernorm
+        self.use_layernorm = query_norm == "layernorm"
+        self.query_norm = query_norm
+        self.temperature = float(temperature)
+        self.score_activation = "relu" if non_competitive_gates else ("softmax" if score_softmax else "none")
+        self.score_subtract = score_subtract
+        self.score_normalize = score_normalize
+        self.key_init = key_init
+        self.value_init = value_init
+        self.usage_hook: Optional[Callable[[Tensor, Tensor, Optional[Tensor]], None]] = None
         self.differentiable_topk = differentiable_topk
         self.concat_values_and_combine = concat_values_and_combine
         self.non_competitive_gates = non_competitive_gates
 
         self.pre_layernorm = nn.LayerNorm(dim, **factory) if pre_layernorm else nn.Identity()
         self.input_dropout = nn.Dropout(input_dropout)
-        self.to_queries = nn.Linear(dim, 2 * heads * dim_head, bias=False, **factory)  # rows ordered (half, head, d)
-        self.norm = QueryLayerNorm(dim_head, **factory) if use_layernorm else MaskedBatchNorm(dim_head, **factory)
+        hidden_options = dict(bias=query_bias, batchnorm=query_hidden_batchnorm, **factory)
+        self.query_hidden = QueryMLP(dim, query_hidden, **hidden_options) if query_hidden else None
+        query_in = dim if self.query_hidden is None else self.query_hidden.out_features
+        self.to_queries = nn.Linear(query_in, 2 * heads * dim_head, bias=query_bias, **factory)  # rows (half, head, d)
+        self.norm = make_query_norm(query_norm, heads, dim_head, **factory)
         self.query_dropout = nn.Dropout(query_dropout)
         # 0.3.0 layout (heads, num_keys, half, dim_head); searched through a transposed view
-        self.keys = nn.Parameter(torch.empty(heads, num_keys, 2, dim_head, **factory))
+        self.keys = nn.Parameter(torch.empty(heads, num_keys, 2, dim_head, **factory), requires_grad=not freeze_keys)
         self.attn_dropout = nn.Dropout(attn_dropout)
 
-        value_dim = dim_head if concat_values_and_combine else dim
+        if value_dim is None:
+            value_dim = dim_head if concat_values_and_combine else dim
+        self.value_dim = value_dim
         self._owns_values = values is None
         if values is None:
-            values = nn.EmbeddingBag(self.num_memories, value_dim, mode="sum", **factory)
+            values = nn.EmbeddingBag(self.num_memories, value_dim, mode="sum", sparse=sparse_values, **factory)
         else:
+            if sparse_values and not getattr(values, "sparse", False):
+                raise ValueError("sparse_values=True needs the shared values module to have sparse=True")
             weight = getattr(values, "weight", None)
             if not isinstance(weight, Tensor) or tuple(weight.shape) != (self.num_memories, value_dim):
                 got = None if not isinstance(weight, Tensor) else tuple(weight.shape)
@@ -142,7 +224,9 @@ class PKM(nn.Module):
                     f"({self.num_memories}, {value_dim}), got weight shape {got}"
                 )
         self.values = values
-        self.combine = nn.Linear(heads * dim_head, dim, bias=False, **factory) if concat_values_and_combine else None
+        self.combine = nn.Linear(heads * value_dim, dim, bias=False, **factory) if concat_values_and_combine else None
+        project = not concat_values_and_combine and value_dim != dim
+        self.value_proj = nn.Linear(value_dim, dim, bias=False, **factory) if project else None
         self.value_dropout = nn.Dropout(value_dropout)
         self.output_norm = nn.LayerNorm(dim, **factory) if norm_output else nn.Identity()
 
@@ -151,12 +235,21 @@ class PKM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Keys and (owned) values ~ N(0, 1 / last dim), as 0.3.0; the query projection as ``nn.Linear``."""
-        nn.init.normal_(self.keys, std=1.0 / math.sqrt(self.dim_head))
+        """Keys ~ N(0, 1 / dim_head) (``key_init="normal"``, as 0.3.0) or U(±dim_head ** -0.5)
+        (``"uniform"``); owned values ~ N(0, 1 / value_dim) (as 0.3.0) or zeros; linear
+        layers as ``nn.Linear``."""
+        bound = 1.0 / math.sqrt(self.dim_head)
+        if self.key_init == "uniform":
+            nn.init.uniform_(self.keys, -bound, bound)
+        else:
+            nn.init.normal_(self.keys, std=bound)
         if self._owns_values:
-            nn.init.normal_(self.values.weight, std=1.0 / math.sqrt(self.values.weight.shape[-1]))
+            if self.value_init == "zeros":
+                nn.init.zeros_(self.values.weight)
+            else:
+                nn.init.normal_(self.values.weight, std=1.0 / math.sqrt(self.values.weight.shape[-1]))
         self.to_queries.reset_parameters()
-        for module in (self.pre_layernorm, self.norm, self.combine, self.output_norm):
+        for module in (self.query_hidden, self.pre_layernorm, self.norm, self.combine, self.value_proj, self.output_norm):
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
 
@@ -165,6 +258,8 @@ class PKM(nn.Module):
     def queries(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Flat tokens ``(N, dim)`` -> normalised queries ``(N, heads, 2, dim_head)``."""
         x = self.input_dropout(self.pre_layernorm(x))
+        if self.query_hidden is not None:
+            x = self.query_hidden(x, mask)
         q = self.to_queries(x).unflatten(-1, (2, self.heads, self.dim_head))  # (N, 2, H, d)
         q = self.query_dropout(self.norm(q, mask))
         return q.transpose(1, 2)  # (N, H, 2, d)
@@ -176,10 +271,13 @@ class PKM(nn.Module):
             sub = sub + PF.gumbel_noise_like(sub) * gumbel_noise_scale
         subkey_topk = _coor_descent_topk if self.differentiable_topk else None
         scores, indices = PF.product_topk(sub, self.topk, subkey_topk=subkey_topk, pairs=self.pairs)
-        if self.non_competitive_gates:
-            weights = torch.relu(scores)
-        else:
-            weights = scores.softmax(dim=-1)
+        weights = PF.rescore(
+            scores,
+            temperature=self.temperature,
+            activation=self.score_activation,
+            subtract=self.score_subtract,
+            normalize=self.score_normalize,
+        )
         return self.attn_dropout(weights), indices
 
     def read(self, indices: Tensor, weights: Tensor, mem_trainable_mask: Optional[Tensor] = None) -> Tensor:
@@ -190,7 +288,8 @@ class PKM(nn.Module):
             per_head = PF.value_read(table, indices, weights, trainable=mem_trainable_mask, sparse=sparse)  # (N, H, d)
             return self.combine(per_head.flatten(-2))
         flat = (indices.flatten(-2), weights.flatten(-2))  # (N, H * topk)
-        return PF.value_read(table, *flat, trainable=mem_trainable_mask, sparse=sparse)
+        out = PF.value_read(table, *flat, trainable=mem_trainable_mask, sparse=sparse)
+        return out if self.value_proj is None else self.value_proj(out)
 
     def forward(
         self,
@@ -210,6 +309,8 @@ class PKM(nn.Module):
         weights, indices = self.search(q, gumbel_noise_scale)
         if mask is not None:
             weights = torch.where(mask.view(-1, 1, 1), weights, 0.0)
+        if self.usage_hook is not None:
+            self.usage_hook(indices, weights, mask)
         out = self.read(indices, weights.to(self.values.weight.dtype), mem_trainable_mask)
         out = self.output_norm(self.value_dropout(out))
         if mask is not None:
@@ -250,6 +351,24 @@ class PKM(nn.Module):
         for flag in ("differentiable_topk", "concat_values_and_combine", "non_competitive_gates"):
             if getattr(self, flag):
                 s += f", {flag}=True"
+        default_value_dim = self.dim_head if self.concat_values_and_combine else self.dim
+        options = (
+            ("query_hidden", None if self.query_hidden is None else self.query_hidden.sizes, None),
+            ("query_bias", self.to_queries.bias is not None, False),
+            ("query_norm", self.query_norm, "layernorm"),
+            ("temperature", self.temperature, 1.0),
+            ("score_softmax", self.score_activation != "none", True),
+            ("score_subtract", self.score_subtract, None),
+            ("score_normalize", self.score_normalize, False),
+            ("value_dim", self.value_dim, default_value_dim),
+            ("key_init", self.key_init, "normal"),
+            ("value_init", self.value_init, "normal"),
+            ("freeze_keys", not self.keys.requires_grad, False),
+            ("sparse_values", bool(getattr(self.values, "sparse", False)), False),
+        )
+        for name, value, default in options:
+            if value != default:
+                s += f", {name}={value!r}"
         return s
 
 

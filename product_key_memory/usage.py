@@ -1,0 +1,275 @@
+"""Is the memory being used? The memory-usage diagnostics of arXiv 1907.05242 (sec. 4.4).
+
+:class:`MemoryUsageTracker` counts, on the device and without a host sync, how often
+each slot of every PKM layer of a model is read and how much softmax weight it
+receives; :func:`usage_statistics` turns those counts into numbers and
+:func:`save_usage_plot` into a picture (matplotlib, the ``plot`` extra).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MemoryUsageTracker", "usage_statistics", "save_usage_plot", "MASS_LEVELS"]
+
+MASS_LEVELS = (0.5, 0.9, 0.99)
+
+
+class _LayerUsage:
+    """Per-layer accumulator installed as ``PKM.usage_hook``: slot read counts and weight mass."""
+
+    def __init__(self, num_memories: int):
+        self.num_memories = num_memories
+        self.reads: Optional[Tensor] = None
+        self.mass: Optional[Tensor] = None
+        self.tokens: Optional[Tensor] = None
+
+    def _allocate(self, device: torch.device) -> None:
+        mass_dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.reads = torch.zeros(self.num_memories, dtype=torch.long, device=device)
+        self.mass = torch.zeros(self.num_memories, dtype=mass_dtype, device=device)
+        self.tokens = torch.zeros((), dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def __call__(self, indices: Tensor, weights: Tensor, mask: Optional[Tensor]) -> None:
+        if self.reads is None or self.reads.device != indices.device:
+            if self.reads is None:
+                self._allocate(indices.device)
+            else:
+                self.reads, self.mass, self.tokens = (t.to(indices.device) for t in (self.reads, self.mass, self.tokens))
+        slots = indices.reshape(-1)
+        # |w|: the share of the output each read carries, also for relu gates or subtracted scores
+        w = weights.detach().abs().to(self.mass.dtype)
+        if mask is None:
+            ones = torch.ones_like(slots)
+            self.tokens += indices.shape[0]
+        else:
+            keep = mask.view(-1, *([1] * (indices.dim() - 1))).expand_as(indices)
+            ones = keep.reshape(-1).long()
+            w = w * keep
+            self.tokens += mask.sum()
+        # index_add_ keeps everything on the device: no .item(), no data-dependent shapes
+        self.reads.index_add_(0, slots, ones)
+        self.mass.index_add_(0, slots, w.reshape(-1))
+
+    def reset(self) -> None:
+        for t in (self.reads, self.mass, self.tokens):
+            if t is not None:
+                t.zero_()
+
+
+class MemoryUsageTracker:
+    """Counts slot reads of every PKM layer of ``model`` while attached.
+
+    Opt-in: nothing is counted until the tracker is attached (``with tracker:`` or
+    :meth:`attach`); it then sets each layer's ``usage_hook``. Counts live on the
+    layers' device and survive detaching until :meth:`reset`. Padded tokens
+    (``input_mask`` ``False``) are not counted.
+
+    Args:
+        model: a module containing :class:`~product_key_memory.PKM` layers (or one).
+
+    Examples::
+
+        >>> tracker = MemoryUsageTracker(model)
+        >>> with tracker:
+        ...     for x in batches:
+        ...         model(x)
+        >>> tracker.stats()["layers.3.ff"]["used_fraction"]
+        0.87
+    """
+
+    def __init__(self, model: nn.Module):
+        from .pkm import PKM
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.layers: Dict[str, nn.Module] = {
+            (name or "pkm"): m for name, m in model.named_modules() if isinstance(m, PKM)
+        }
+        if not self.layers:
+            raise ValueError(f"model ({type(model).__name__}) contains no PKM layer to track")
+        self._usage = {name: _LayerUsage(m.num_memories) for name, m in self.layers.items()}
+        self.attached = False
+
+    def attach(self) -> "MemoryUsageTracker":
+        """Start counting: install the hooks (fails if another tracker is attached)."""
+        if self.attached:
+            return self
+        busy = [name for name, m in self.layers.items() if m.usage_hook is not None]
+        if busy:
+            raise RuntimeError(f"PKM layers {busy} already have a usage_hook (another tracker attached?)")
+        for name, m in self.layers.items():
+            m.usage_hook = self._usage[name]
+        self.attached = True
+        return self
+
+    def detach(self) -> None:
+        """Stop counting; the counts are kept."""
+        for name, m in self.layers.items():
+            if m.usage_hook is self._usage[name]:
+                m.usage_hook = None
+        self.attached = False
+
+    def __enter__(self) -> "MemoryUsageTracker":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def reset(self) -> None:
+        """Zero every count (on the device)."""
+        for usage in self._usage.values():
+            usage.reset()
+
+    def counts(self, layer: str) -> Dict[str, Tensor]:
+        """Raw device tensors of ``layer``: ``reads`` and ``mass`` ``(num_keys ** 2,)``, ``tokens``."""
+        if layer not in self._usage:
+            raise KeyError(f"no tracked PKM layer {layer!r}; tracked: {list(self._usage)}")
+        usage = self._usage[layer]
+        if usage.reads is None:
+            usage._allocate(self.layers[layer].keys.device)
+        return {"reads": usage.reads, "mass": usage.mass, "tokens": usage.tokens}
+
+    def stats(self, layers: Optional[Iterable[str]] = None) -> Dict[str, Dict[str, float]]:
+        """``{layer name: usage_statistics(...)}`` (syncs with the device once per layer)."""
+        names = list(self._usage) if layers is None else list(layers)
+        return {name: usage_statistics(**self.counts(name)) for name in names}
+
+
+def _kl_from_uniform(p: Tensor) -> float:
+    # KL(p || uniform) = log n - H(p), with 0 log 0 = 0
+    n = p.numel()
+    nz = p[p > 0]
+    return float(math.log(n) + (nz * nz.log()).sum())
+
+
+def _gini(x: Tensor) -> float:
+    # mean absolute difference over twice the mean, via the sorted form
+    n = x.numel()
+    s = x.sort().values
+    rank = torch.arange(1, n + 1, dtype=s.dtype, device=s.device)
+    return float(((2 * rank - n - 1) * s).sum() / (n * s.sum()))
+
+
+def _slots_holding(x: Tensor, level: float) -> int:
+    # fewest slots whose mass reaches `level` of the total
+    c = x.sort(descending=True).values.cumsum(0)
+    return min(int((c < level * c[-1] * (1 - 1e-12)).sum()) + 1, x.numel())
+
+
+def _distribution_stats(x: Tensor, suffix: str) -> Dict[str, float]:
+    total = float(x.sum())
+    if total <= 0:
+        nan = float("nan")
+        out = {f"kl_uniform{suffix}": nan, f"gini{suffix}": nan}
+        out.update({f"slots_{round(level * 100)}{suffix}": nan for level in MASS_LEVELS})
+        return out
+    out = {f"kl_uniform{suffix}": _kl_from_uniform(x / total), f"gini{suffix}": _gini(x)}
+    out.update({f"slots_{round(level * 100)}{suffix}": _slots_holding(x, level) for level in MASS_LEVELS})
+    return out
+
+
+def usage_statistics(
+    reads: Tensor, mass: Optional[Tensor] = None, tokens: Union[Tensor, int, None] = None
+) -> Dict[str, float]:
+    """The paper's memory-usage numbers from per-slot counts.
+
+    Args:
+        reads: ``(num_slots,)`` how often each slot was read.
+        mass: ``(num_slots,)`` summed weight each slot received (optional).
+        tokens: tokens counted (optional, reported as is).
+
+    Returns:
+        A plain dict: ``slots``, ``tokens``, ``reads`` (total), ``used_fraction`` (slots
+        read at least once); for the read counts ``kl_uniform`` (KL divergence of the
+        usage distribution from uniform, nats), ``gini`` (0: uniform, ``1 - 1/slots``:
+        one slot), ``slots_50`` / ``slots_90`` / ``slots_99`` (fewest slots holding that
+        share of the reads); with ``mass`` the same with suffix ``_weighted``. Values are
+        NaN while nothing is counted.
+    """
+    if reads.dim() != 1:
+        raise ValueError(f"reads must be a 1-d tensor of per-slot counts, got shape {tuple(reads.shape)}")
+    if mass is not None and mass.shape != reads.shape:
+        raise ValueError(f"mass must have the shape of reads {tuple(reads.shape)}, got {tuple(mass.shape)}")
+    r = reads.detach().to("cpu", torch.float64)
+    out: Dict[str, float] = {
+        "slots": r.numel(),
+        "tokens": int(tokens) if tokens is not None else None,
+        "reads": int(r.sum()),
+        "used_fraction": float((r > 0).double().mean()),
+    }
+    out.update(_distribution_stats(r, ""))
+    if mass is not None:
+        out.update(_distribution_stats(mass.detach().to("cpu", torch.float64), "_weighted"))
+    return out
+
+
+def save_usage_plot(
+    tracker: MemoryUsageTracker,
+    path,
+    *,
+    layers: Optional[Iterable[str]] = None,
+    weighted: bool = True,
+    title: Optional[str] = None,
+):
+    """Save a PNG (or any format matplotlib infers from ``path``) of each layer's usage.
+
+    One row per layer: left, the share of reads (and of weight) per slot, slots sorted
+    from most to least used, log scale; right, the cumulative share against the
+    fraction of slots, with the uniform diagonal and the 50/90/99% marks.
+    Needs matplotlib (``pip install product-key-memory[plot]``).
+
+    Returns:
+        the matplotlib ``Figure``.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("save_usage_plot needs matplotlib: pip install 'product-key-memory[plot]'") from e
+
+    names = list(tracker.layers) if layers is None else list(layers)
+    fig = Figure(figsize=(10, 3.2 * len(names)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(names), 2, squeeze=False)
+    for row, name in enumerate(names):
+        counts = tracker.counts(name)
+        stats = usage_statistics(**counts)
+        series = [("reads", counts["reads"])] + ([("weight", counts["mass"])] if weighted else [])
+        left, right = axes[row]
+        for label, t in series:
+            x = t.detach().to("cpu", torch.float64)
+            share = (x / x.sum().clamp(min=1e-300)).sort(descending=True).values
+            rank = torch.arange(1, share.numel() + 1)
+            left.plot(rank.numpy(), share.numpy(), label=label)
+            frac = rank.double() / share.numel()
+            right.plot(frac.numpy(), share.cumsum(0).numpy(), label=label)
+        n = counts["reads"].numel()
+        left.axhline(1.0 / n, color="grey", linestyle=":", label="uniform")
+        left.set_yscale("log")
+        left.set_xlabel("slot rank (most read first)")
+        left.set_ylabel("share")
+        left.set_title(
+            f"{name}: {stats['used_fraction']:.1%} of {n} slots used, KL {stats['kl_uniform']:.2f}, "
+            f"Gini {stats['gini']:.2f}",
+            fontsize=9,
+        )
+        left.legend(fontsize=8)
+        right.plot([0, 1], [0, 1], color="grey", linestyle=":", label="uniform")
+        for level in MASS_LEVELS:
+            k = stats[f"slots_{round(level * 100)}"]
+            if k == k:  # not NaN
+                right.plot([k / n], [level], marker="o", color="black", markersize=3)
+                right.annotate(f"{level:.0%}: {k}", (k / n, level), fontsize=7, xytext=(4, -10), textcoords="offset points")
+        right.set_xlabel("fraction of slots (most read first)")
+        right.set_ylabel("cumulative share")
+        right.legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    return fig
