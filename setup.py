@@ -17,7 +17,7 @@ setup(
         "colt5-attention>=0.10.14",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "numpy"],
+        "test": ["pytest>=7", "hypothesis>=6", "numpy", "matplotlib>=3.7"],
         "plot": ["matplotlib>=3.7"],
     },
     classifiers=[
