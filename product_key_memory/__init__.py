@@ -1,17 +1,21 @@
 """Product-key memory layers for PyTorch (Lample et al. 2019, arXiv 1907.05242)."""
 
 from . import functional
+from .memory_plus import MemoryPlus
 from .norms import MaskedBatchNorm, QueryLayerNorm
 from .optim import fetch_optimizer_parameters, fetch_pkm_value_parameters
 from .pkm import PKM, ProductKeyMemory
 from .usage import MemoryUsageTracker, save_usage_plot, usage_statistics
 from .xlm import from_xlm
+from .pool import ValuePool
 
 __version__ = "0.4.0"
 
 __all__ = [
     "PKM",
     "ProductKeyMemory",
+    "MemoryPlus",
+    "ValuePool",
     "MaskedBatchNorm",
     "QueryLayerNorm",
     "fetch_pkm_value_parameters",

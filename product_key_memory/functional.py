@@ -32,6 +32,7 @@ __all__ = [
     "value_read",
     "value_read_reference",
     "rescore",
+    "qk_normalize",
 ]
 
 TopkFn = Callable[[Tensor, int], Tuple[Tensor, Tensor]]
@@ -268,3 +269,23 @@ def rescore(
     if normalize:
         s = F.normalize(s, p=1.0, dim=-1)
     return s
+
+
+def qk_normalize(queries: Tensor, keys: Tensor) -> Tuple[Tensor, Tensor]:
+    """Query/key normalisation ("qk-norm", as Memory+ uses it, arXiv 2412.09764).
+
+    Both sides are scaled to unit RMS over ``dim_key`` and the dot product is divided by
+    ``sqrt(dim_key)``, the scaled product of qk-norm attention (arXiv 2302.05442): a score is
+    ``sqrt(dim_key) * cos(q, k)``, whose spread at random init matches the plain layer's.
+    Parameter-free, computed in the score dtype (float32 or float64).
+
+    Args:
+        queries: ``(..., heads, 2, dim_key)``.
+        keys: ``(heads, 2, num_keys, dim_key)``.
+
+    Returns:
+        ``queries, keys`` to pass to :func:`subkey_scores`.
+    """
+    dtype = _score_dtype(torch.promote_types(queries.dtype, keys.dtype))
+    scale = keys.shape[-1] ** 0.5
+    return F.normalize(queries.to(dtype), dim=-1), F.normalize(keys.to(dtype), dim=-1) * scale

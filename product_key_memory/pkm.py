@@ -66,8 +66,13 @@ class PKM(nn.Module):
     Keyword-only args (the defaults are product-key-memory 0.3.0; see the README's
     "Reproducing the paper's layer" for the settings of the paper's reference code):
         values: a module whose ``weight`` is the ``(num_keys ** 2, value_dim)`` value
-            table, to share one table between layers. It is used as given, not
-            re-initialised; its ``sparse`` attribute decides the gradient layout.
+            table, to share one table between layers (see :class:`ValuePool`). It is used
+            as given, not re-initialised; its ``sparse`` attribute decides the gradient
+            layout. A module with a ``read(indices, weights, *, trainable)`` method and
+            ``num_embeddings``/``embedding_dim`` sizes (e.g. :class:`ShardedValues`, a
+            table split over processes) does the read itself.
+        qk_norm: score with normalised half-queries and sub-keys (:func:`functional.qk_normalize`,
+            as Memory+, arXiv 2412.09764). Parameter-free: the state dict is unchanged.
         query_bias: give the query projection (and hidden layers) a bias.
         query_hidden: sizes of hidden layers before the query projection, each
             ``Linear, [BatchNorm], ReLU`` (:class:`~product_key_memory.query.QueryMLP`).
@@ -141,6 +146,7 @@ class PKM(nn.Module):
         value_init: str = "normal",
         freeze_keys: bool = False,
         sparse_values: bool = False,
+        qk_norm: bool = False,
         device=None,
         dtype=None,
     ):
@@ -194,6 +200,9 @@ class PKM(nn.Module):
         self.differentiable_topk = differentiable_topk
         self.concat_values_and_combine = concat_values_and_combine
         self.non_competitive_gates = non_competitive_gates
+        if not isinstance(qk_norm, bool):
+            raise TypeError(f"qk_norm must be a bool, got {qk_norm!r}")
+        self.qk_norm = qk_norm
 
         self.pre_layernorm = nn.LayerNorm(dim, **factory) if pre_layernorm else nn.Identity()
         self.input_dropout = nn.Dropout(input_dropout)
@@ -217,11 +226,13 @@ class PKM(nn.Module):
             if sparse_values and not getattr(values, "sparse", False):
                 raise ValueError("sparse_values=True needs the shared values module to have sparse=True")
             weight = getattr(values, "weight", None)
-            if not isinstance(weight, Tensor) or tuple(weight.shape) != (self.num_memories, value_dim):
-                got = None if not isinstance(weight, Tensor) else tuple(weight.shape)
+            got = None if not isinstance(weight, Tensor) else tuple(weight.shape)
+            if callable(getattr(values, "read", None)):  # reads itself; weight may be a slice
+                got = (getattr(values, "num_embeddings", None), getattr(values, "embedding_dim", None))
+            if got != (self.num_memories, value_dim):
                 raise ValueError(
                     f"values must be a module whose weight has shape (num_keys ** 2, {value_dim}) = "
-                    f"({self.num_memories}, {value_dim}), got weight shape {got}"
+                    f"({self.num_memories}, {value_dim}), got table shape {got}"
                 )
         self.values = values
         self.combine = nn.Linear(heads * value_dim, dim, bias=False, **factory) if concat_values_and_combine else None
@@ -266,7 +277,10 @@ class PKM(nn.Module):
 
     def search(self, queries: Tensor, gumbel_noise_scale: float = 0.0):
         """Queries ``(N, heads, 2, dim_head)`` -> slot weights and slots, ``(N, heads, topk)``."""
-        sub = PF.subkey_scores(queries, self.keys.transpose(1, 2))  # (N, H, 2, num_keys)
+        keys = self.keys.transpose(1, 2)  # (H, 2, num_keys, d)
+        if self.qk_norm:
+            queries, keys = PF.qk_normalize(queries, keys)
+        sub = PF.subkey_scores(queries, keys)  # (N, H, 2, num_keys)
         if gumbel_noise_scale > 0.0 and self.training:
             sub = sub + PF.gumbel_noise_like(sub) * gumbel_noise_scale
         subkey_topk = _coor_descent_topk if self.differentiable_topk else None
@@ -282,14 +296,18 @@ class PKM(nn.Module):
 
     def read(self, indices: Tensor, weights: Tensor, mem_trainable_mask: Optional[Tensor] = None) -> Tensor:
         """Slots and weights ``(N, heads, topk)`` -> output ``(N, dim)`` before dropout and norm."""
-        table = self.values.weight
-        sparse = bool(getattr(self.values, "sparse", False))
         if self.combine is not None:
-            per_head = PF.value_read(table, indices, weights, trainable=mem_trainable_mask, sparse=sparse)  # (N, H, d)
+            per_head = self._value_read(indices, weights, mem_trainable_mask)  # (N, H, d)
             return self.combine(per_head.flatten(-2))
-        flat = (indices.flatten(-2), weights.flatten(-2))  # (N, H * topk)
-        out = PF.value_read(table, *flat, trainable=mem_trainable_mask, sparse=sparse)
+        out = self._value_read(indices.flatten(-2), weights.flatten(-2), mem_trainable_mask)  # reads (N, H * topk)
         return out if self.value_proj is None else self.value_proj(out)
+
+    def _value_read(self, indices: Tensor, weights: Tensor, trainable: Optional[Tensor]) -> Tensor:
+        read = getattr(self.values, "read", None)
+        if callable(read):  # e.g. ShardedValues: its columns live on several processes
+            return read(indices, weights, trainable=trainable)
+        sparse = bool(getattr(self.values, "sparse", False))
+        return PF.value_read(self.values.weight, indices, weights, trainable=trainable, sparse=sparse)
 
     def forward(
         self,
@@ -348,7 +366,7 @@ class PKM(nn.Module):
 
     def extra_repr(self) -> str:
         s = f"dim={self.dim}, heads={self.heads}, num_keys={self.num_keys}, topk={self.topk}, dim_head={self.dim_head}"
-        for flag in ("differentiable_topk", "concat_values_and_combine", "non_competitive_gates"):
+        for flag in ("differentiable_topk", "concat_values_and_combine", "non_competitive_gates", "qk_norm"):
             if getattr(self, flag):
                 s += f", {flag}=True"
         default_value_dim = self.dim_head if self.concat_values_and_combine else self.dim

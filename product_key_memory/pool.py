@@ -1,0 +1,55 @@
+"""A value table shared by several memory layers (the memory pool of arXiv 2412.09764)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["ValuePool"]
+
+
+class ValuePool(nn.EmbeddingBag):
+    r"""One ``(num_keys ** 2, dim)`` value table for several layers, each with its own keys.
+
+    Memory+ (Berges et al. 2024, arXiv 2412.09764) lets every memory layer of a model read
+    one shared pool of values while keeping its own queries and sub-keys. Pass the pool as
+    ``values=`` to each :class:`PKM` (or :class:`MemoryPlus`); the layers then hold the same
+    ``Parameter``, which collects gradient from every layer that reads it and which
+    :func:`fetch_optimizer_parameters` counts once. Nothing is shared behind your back:
+    two models that are given two pools share nothing.
+
+    Args:
+        num_keys: sub-keys per half of the layers that read the pool; it holds ``num_keys ** 2`` slots.
+        dim: width of a value row (the layers' ``dim``, or ``dim_head`` with
+            ``concat_values_and_combine``).
+
+    Keyword-only args:
+        sparse: make the gradient of the table sparse (for ``torch.optim.SparseAdam``).
+        device, dtype: factory kwargs.
+
+    Shape:
+        - weight: ``(num_keys ** 2, dim)``, initialised ``N(0, 1 / dim)`` as a layer's own table.
+
+    Examples::
+
+        >>> pool = ValuePool(num_keys=128, dim=512)
+        >>> layers = [PKM(512, num_keys=128, values=pool) for _ in range(3)]
+        >>> layers[0].values.weight is layers[2].values.weight
+        True
+    """
+
+    def __init__(self, num_keys: int, dim: int, *, sparse: bool = False, device=None, dtype=None):
+        for name, value in (("num_keys", num_keys), ("dim", dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(sparse, bool):
+            raise TypeError(f"sparse must be a bool, got {sparse!r}")
+        super().__init__(num_keys**2, dim, mode="sum", sparse=sparse, device=device, dtype=dtype)
+        self.num_keys = num_keys
+
+    def reset_parameters(self) -> None:
+        """Values ~ ``N(0, 1 / dim)``, the init :class:`PKM` gives its own table."""
+        nn.init.normal_(self.weight, std=self.embedding_dim**-0.5)
+
+    def extra_repr(self) -> str:
+        s = f"num_keys={self.num_keys}, dim={self.embedding_dim}"
+        return s + (", sparse=True" if self.sparse else "")
