@@ -1,6 +1,7 @@
 """Product-key memory layers for PyTorch (Lample et al. 2019, arXiv 1907.05242)."""
 
-from . import functional
+from . import distributed, functional
+from .distributed import ShardedValues, shard_values, sharded_parameters
 from .memory_plus import MemoryPlus
 from .norms import MaskedBatchNorm, QueryLayerNorm
 from .optim import fetch_optimizer_parameters, fetch_pkm_value_parameters
@@ -16,10 +17,14 @@ __all__ = [
     "ProductKeyMemory",
     "MemoryPlus",
     "ValuePool",
+    "ShardedValues",
+    "shard_values",
+    "sharded_parameters",
     "MaskedBatchNorm",
     "QueryLayerNorm",
     "fetch_pkm_value_parameters",
     "fetch_optimizer_parameters",
+    "distributed",
     "functional",
     "from_xlm",
     "MemoryUsageTracker",

@@ -1,0 +1,286 @@
+"""Value tables split by columns over processes (the parallel memory of arXiv 2412.09764).
+
+Every rank of a process group holds a slice of columns of every slot of the table. The
+product-key search stays where the tokens are (each rank searches for its own tokens, once);
+a read then
+
+1. sends every rank's slot indices and weights to every rank (``all_to_all``),
+2. sums the rank's column slice of the chosen rows, for the tokens of all ranks,
+3. returns each token's slice to the rank that owns the token (``all_to_all``), where the
+   slices are put side by side into full rows.
+
+The backward runs the same exchanges in reverse: a rank's value gradient only touches its own
+columns (it sees the output gradient of every token for those columns), and the gradient of a
+token's weights is summed over the column slices of all ranks. Under data parallelism each rank
+has its own tokens and loss, so by default the table's gradient is divided by the world size,
+the mean over ranks that ``DistributedDataParallel`` and ``fully_shard`` give every other
+parameter.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import functional as PF
+from .pkm import PKM
+
+__all__ = ["ShardedValues", "sharded_value_read", "shard_values", "sharded_parameters"]
+
+
+def column_sizes(dim: int, world_size: int) -> List[int]:
+    """Columns held by each rank: ``dim // world_size``, the first ``dim % world_size`` ranks one more."""
+    q, r = divmod(dim, world_size)
+    return [q + (i < r) for i in range(world_size)]
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` of a flat tensor; the gradient goes back the way the data came."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, out_splits: List[int], in_splits: List[int], group) -> Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty(sum(out_splits))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out_splits, in_splits = ctx.splits
+        return _AllToAll.apply(grad.contiguous(), in_splits, out_splits, ctx.group), None, None, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient is multiplied by ``scale`` (dense or sparse)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.scale, None
+
+
+def sharded_value_read(
+    shard: Tensor,
+    indices: Tensor,
+    weights: Tensor,
+    *,
+    group: Optional[dist.ProcessGroup] = None,
+    trainable: Optional[Tensor] = None,
+    sparse: bool = False,
+    average_grads: bool = True,
+) -> Tensor:
+    """:func:`functional.value_read` of a table whose columns are spread over ``group``.
+
+    Collective: every rank of ``group`` must call it, in the same order as its other
+    collectives, with the same ``m`` and number of slots (token counts may differ).
+
+    Args:
+        shard: this rank's columns of the table, ``(num_slots, cols)``; the columns of ranks
+            ``0, 1, ...`` side by side make the table ``(num_slots, dim)``.
+        indices, weights: ``(..., m)`` slots and weights of this rank's own tokens.
+        group: the process group holding the table (default: the world).
+        trainable: optional bool ``(num_slots,)`` rows that may learn (same on every rank).
+        sparse: sparse gradient for ``shard``.
+        average_grads: divide ``shard``'s gradient by the world size (the mean over ranks'
+            losses, as DDP/FSDP average); ``False`` keeps the sum.
+
+    Returns:
+        ``(..., dim)``, equal to ``value_read(table, indices, weights)`` on one process.
+    """
+    if weights.shape != indices.shape or indices.dim() < 1:
+        raise ValueError(
+            f"indices and weights must have one shape (..., m), got {tuple(indices.shape)} and {tuple(weights.shape)}"
+        )
+    world = dist.get_world_size(group)
+    lead, m = indices.shape[:-1], indices.shape[-1]
+    idx = indices.reshape(-1, m)
+    n = idx.shape[0]
+
+    sizes = torch.tensor([n, m, shard.shape[0], shard.shape[1]], device=shard.device)
+    every = [torch.empty_like(sizes) for _ in range(world)]
+    dist.all_gather(every, sizes, group=group)
+    counts, ms, slots, cols = (list(col) for col in zip(*(t.tolist() for t in every)))
+    if len(set(ms)) != 1 or len(set(slots)) != 1:  # every rank sees the same lists, so all raise together
+        raise ValueError(f"every rank must read the same number of slots m and hold the same rows, got m={ms}, rows={slots}")
+
+    # 1. every rank gets the (indices, weights) of every rank's tokens
+    send, recv = [n * m] * world, [c * m for c in counts]
+    idx_all = _AllToAll.apply(idx.reshape(-1).repeat(world), recv, send, group).view(-1, m)  # (sum(counts), m)
+    w_all = _AllToAll.apply(weights.reshape(-1).to(shard.dtype).repeat(world), recv, send, group).view(-1, m)
+
+    # 2. this rank's columns of the rows they read, for all tokens
+    table = _ScaleGrad.apply(shard, 1.0 / world) if average_grads and world > 1 else shard
+    part = PF.value_read(table, idx_all, w_all, trainable=trainable, sparse=sparse)  # (sum(counts), cols_me)
+
+    # 3. each token's slices go home and sit side by side
+    mine = dist.get_rank(group)
+    send, recv = [c * cols[mine] for c in counts], [n * c for c in cols]
+    back = _AllToAll.apply(part.reshape(-1), recv, send, group).split(recv)
+    out = torch.cat([b.view(n, c) for b, c in zip(back, cols)], dim=-1)  # (n, dim)
+    return out.view(*lead, sum(cols))
+
+
+class ShardedValues(nn.Module):
+    r"""A ``(num_embeddings, embedding_dim)`` value table whose columns are spread over processes.
+
+    Rank ``r`` of ``group`` holds ``weight``, the columns
+    ``[column_start, column_start + cols_r)`` of every slot, with ``cols_r`` about
+    ``embedding_dim / world_size``. Give it to a :class:`PKM` (or :class:`MemoryPlus`) as
+    ``values=`` and the layer reads through :func:`sharded_value_read`; the layer's outputs,
+    and the gradients of everything but the table, are those of the unsharded layer.
+
+    The table is not data parallel: exclude ``weight`` from DDP's gradient all-reduce and from
+    ``fully_shard`` (:func:`shard_values` does the former; :func:`sharded_parameters` lists the
+    tables for ``fully_shard(..., ignored_params=...)``). Every rank must run every read.
+
+    Args:
+        num_embeddings: slots (``num_keys ** 2``).
+        embedding_dim: full width of a row.
+
+    Keyword-only args:
+        group: process group over which the columns are spread (default: the world).
+        average_grads: divide the gradient by the world size (DDP's mean over ranks).
+        sparse: sparse gradient (for ``torch.optim.SparseAdam``).
+        device, dtype: factory kwargs.
+
+    Shape:
+        - weight: ``(num_embeddings, cols_r)``, initialised ``N(0, 1 / embedding_dim)`` like the
+          full table (each rank draws its own columns from its own generator).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        group: Optional[dist.ProcessGroup] = None,
+        average_grads: bool = True,
+        sparse: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ShardedValues needs an initialised process group (torch.distributed.init_process_group)")
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if embedding_dim < world:
+            raise ValueError(f"embedding_dim must be at least the world size {world}, got {embedding_dim}")
+        sizes = column_sizes(embedding_dim, world)
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.column_start = sum(sizes[:rank])
+        self.group = group
+        self.average_grads = average_grads
+        self.sparse = sparse
+        self.weight = nn.Parameter(torch.empty(num_embeddings, sizes[rank], device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Values ~ ``N(0, 1 / embedding_dim)``: the full table's init, column by column."""
+        nn.init.normal_(self.weight, std=self.embedding_dim**-0.5)
+
+    @classmethod
+    def from_full(
+        cls,
+        weight: Tensor,
+        *,
+        group: Optional[dist.ProcessGroup] = None,
+        average_grads: bool = True,
+        sparse: bool = False,
+    ) -> "ShardedValues":
+        """This rank's columns of a full ``(num_embeddings, embedding_dim)`` table, identical on every rank."""
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D table, got {getattr(weight, 'shape', type(weight).__name__)}")
+        new = cls(*weight.shape, group=group, average_grads=average_grads, sparse=sparse, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(weight[:, new.column_start : new.column_start + new.weight.shape[1]])
+        return new
+
+    def forward(self, indices: Tensor, weights: Tensor, trainable: Optional[Tensor] = None) -> Tensor:
+        """Indices and weights ``(..., m)`` of this rank's tokens -> ``(..., embedding_dim)``."""
+        return sharded_value_read(
+            self.weight,
+            indices,
+            weights,
+            group=self.group,
+            trainable=trainable,
+            sparse=self.sparse,
+            average_grads=self.average_grads,
+        )
+
+    def read(self, indices: Tensor, weights: Tensor, *, trainable: Optional[Tensor] = None) -> Tensor:
+        """What :class:`PKM` calls: the same as calling the module."""
+        return self(indices, weights, trainable)
+
+    @torch.no_grad()
+    def full_weight(self) -> Tensor:
+        """The whole table ``(num_embeddings, embedding_dim)`` on every rank (collective; small tables only)."""
+        world = dist.get_world_size(self.group)
+        cols = column_sizes(self.embedding_dim, world)
+        sizes = [self.num_embeddings * c for c in cols]
+        mine = self.weight.reshape(-1)
+        pieces = _AllToAll.apply(mine.repeat(world), sizes, [mine.numel()] * world, self.group).split(sizes)
+        return torch.cat([p.view(self.num_embeddings, c) for p, c in zip(pieces, cols)], dim=-1)  # gloo: no uneven all_gather
+
+    def extra_repr(self) -> str:
+        stop = self.column_start + self.weight.shape[1]
+        s = f"{self.num_embeddings}, {self.embedding_dim}, columns=[{self.column_start}:{stop})"
+        if not self.average_grads:
+            s += ", average_grads=False"
+        return s + (", sparse=True" if self.sparse else "")
+
+
+def shard_values(
+    model: nn.Module, *, group: Optional[dist.ProcessGroup] = None, average_grads: bool = True
+) -> nn.Module:
+    """Replace the value table of every :class:`PKM` in ``model`` by this rank's columns of it.
+
+    A table read by several layers (a :class:`ValuePool`) becomes one :class:`ShardedValues`
+    that they keep sharing. The tables are marked for DDP to ignore (they must not be
+    all-reduced nor broadcast from rank 0), so wrap ``model`` itself in DDP afterwards.
+    Every rank must hold the same tables (same seed or checkpoint). For a table too big for
+    one process, build the layer with ``values=ShardedValues(...)`` instead.
+
+    Returns:
+        ``model``, changed in place.
+    """
+    sharded = {}
+    for module in model.modules():
+        if isinstance(module, PKM) and not isinstance(module.values, ShardedValues):
+            weight = module.values.weight
+            if id(weight) not in sharded:
+                sparse = bool(getattr(module.values, "sparse", False))
+                sharded[id(weight)] = ShardedValues.from_full(
+                    weight.detach(), group=group, average_grads=average_grads, sparse=sparse
+                )
+            module.values = sharded[id(weight)]
+            module._owns_values = False  # its reset_parameters would draw the slice with the wrong std
+    names = [
+        f"{name}.{pname}" if name else pname
+        for name, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, ShardedValues)
+        for pname, _ in module.named_parameters(recurse=False)
+    ]
+    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | set(names)
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(ignored))
+    return model
+
+
+def sharded_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The :class:`ShardedValues` tables in ``model``, once each (e.g. ``fully_shard(..., ignored_params=set(...))``)."""
+    seen, tables = set(), []
+    for module in model.modules():
+        if isinstance(module, ShardedValues) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            tables.append(module.weight)
+    return tables
