@@ -10,11 +10,6 @@ SIZES = dict(heads=2, num_keys=8, topk=4, dim_head=8)
 DIM = 16
 
 
-@pytest.fixture(autouse=True)
-def seed():
-    torch.manual_seed(0)
-
-
 def _reference(layer, x, mask=None):
     """``W_out(memory(x) * silu(W_gate(x)))``, arXiv 2412.09764, written out."""
     read = layer.memory(x, mask)

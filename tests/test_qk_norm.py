@@ -10,11 +10,6 @@ SIZES = dict(heads=2, num_keys=8, topk=4, dim_head=8)
 DIM = 16
 
 
-@pytest.fixture(autouse=True)
-def seed():
-    torch.manual_seed(0)
-
-
 def test_scores_are_scaled_cosines():
     q = torch.randn(5, 2, 2, 8, dtype=torch.float64)
     k = torch.randn(2, 2, 7, 8, dtype=torch.float64)
