@@ -6,9 +6,9 @@ from .memory_plus import MemoryPlus
 from .norms import MaskedBatchNorm, QueryLayerNorm
 from .optim import fetch_optimizer_parameters, fetch_pkm_value_parameters
 from .pkm import PKM, ProductKeyMemory
+from .pool import ValuePool
 from .usage import MemoryUsageTracker, save_usage_plot, usage_statistics
 from .xlm import from_xlm
-from .pool import ValuePool
 
 __version__ = "0.4.0"
 
