@@ -29,7 +29,6 @@ XLM_OPTIONS = (
     "score_normalize",
     "freeze_keys",
     "sparse_values",
-    "differentiable_topk",
     "device",
     "dtype",
 )
@@ -94,8 +93,8 @@ def from_xlm(state_dict: Mapping[str, Tensor], *, topk: int, prefix: str = "", *
     ``mem_score_subtract``        ``score_subtract`` (``"min"``, ``"mean"``, ``"median"``)
     ``mem_score_normalize``       ``score_normalize``
     ``mem_sparse``                ``sparse_values``
-    ``mem_input_dropout`` etc.    ``input_dropout``, ``query_dropout``, ``value_dropout``
-    ``mem_keys_learn=False``      ``freeze_keys=True``
+    input/query/value dropout     ``input_dropout``, ``query_dropout``, ``value_dropout``
+    keys not learned              ``freeze_keys=True``
     ``mem_share_values``          build the layers with ``values=`` (not a conversion)
     ===========================  ================================================
 
