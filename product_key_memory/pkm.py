@@ -173,7 +173,9 @@ class PKM(nn.Module):
             raise ValueError(f"temperature must be a positive float, got {temperature!r}")
         _check_choice("score_subtract", score_subtract, (None,) + PF.SCORE_SUBTRACTS)
         if non_competitive_gates and not score_softmax:
-            raise ValueError("non_competitive_gates replaces the softmax by a ReLU; it cannot be combined with score_softmax=False")
+            raise ValueError(
+                "non_competitive_gates replaces the softmax by a ReLU; it cannot be combined with score_softmax=False"
+            )
         _check_choice("key_init", key_init, KEY_INITS)
         _check_choice("value_init", value_init, VALUE_INITS)
         if value_dim is not None:
@@ -260,7 +262,8 @@ class PKM(nn.Module):
             else:
                 nn.init.normal_(self.values.weight, std=1.0 / math.sqrt(self.values.weight.shape[-1]))
         self.to_queries.reset_parameters()
-        for module in (self.query_hidden, self.pre_layernorm, self.norm, self.combine, self.value_proj, self.output_norm):
+        parts = (self.query_hidden, self.pre_layernorm, self.norm, self.combine, self.value_proj, self.output_norm)
+        for module in parts:
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
 

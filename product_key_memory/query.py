@@ -40,7 +40,9 @@ class QueryMLP(nn.Module):
         - output: ``(N, hidden[-1])``.
     """
 
-    def __init__(self, dim: int, hidden: Sequence[int], *, bias: bool = False, batchnorm: bool = False, device=None, dtype=None):
+    def __init__(
+        self, dim: int, hidden: Sequence[int], *, bias: bool = False, batchnorm: bool = False, device=None, dtype=None
+    ):
         super().__init__()
         sizes = tuple(hidden)
         if not sizes or any(isinstance(h, bool) or not isinstance(h, int) or h <= 0 for h in sizes):

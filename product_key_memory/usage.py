@@ -36,11 +36,10 @@ class _LayerUsage:
 
     @torch.no_grad()
     def __call__(self, indices: Tensor, weights: Tensor, mask: Optional[Tensor]) -> None:
-        if self.reads is None or self.reads.device != indices.device:
-            if self.reads is None:
-                self._allocate(indices.device)
-            else:
-                self.reads, self.mass, self.tokens = (t.to(indices.device) for t in (self.reads, self.mass, self.tokens))
+        if self.reads is None:
+            self._allocate(indices.device)
+        elif self.reads.device != indices.device:  # the model moved
+            self.reads, self.mass, self.tokens = (t.to(indices.device) for t in (self.reads, self.mass, self.tokens))
         slots = indices.reshape(-1)
         # |w|: the share of the output each read carries, also for relu gates or subtracted scores
         w = weights.detach().abs().to(self.mass.dtype)
@@ -265,7 +264,9 @@ def save_usage_plot(
             k = stats[f"slots_{round(level * 100)}"]
             if k == k:  # not NaN
                 right.plot([k / n], [level], marker="o", color="black", markersize=3)
-                right.annotate(f"{level:.0%}: {k}", (k / n, level), fontsize=7, xytext=(4, -10), textcoords="offset points")
+                right.annotate(
+                    f"{level:.0%}: {k}", (k / n, level), fontsize=7, xytext=(4, -10), textcoords="offset points"
+                )
         right.set_xlabel("fraction of slots (most read first)")
         right.set_ylabel("cumulative share")
         right.legend(fontsize=8, loc="lower right")

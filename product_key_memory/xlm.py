@@ -158,9 +158,8 @@ def from_xlm(state_dict: Mapping[str, Tensor], *, topk: int, prefix: str = "", *
             raise ValueError("two BatchNorm layers follow one Linear layer in the query network")
     for (w_prev, _), (w_next, _) in zip(linears, linears[1:]):
         if w_next["weight"].shape[1] != w_prev["weight"].shape[0]:
-            raise ValueError(
-                f"query network sizes do not chain: {tuple(w_prev['weight'].shape)} then {tuple(w_next['weight'].shape)}"
-            )
+            shapes = (tuple(w_prev["weight"].shape), tuple(w_next["weight"].shape))
+            raise ValueError(f"query network sizes do not chain: {shapes[0]} then {shapes[1]}")
     dim = linears[0][0]["weight"].shape[1]
     query_features = linears[-1][0]["weight"].shape[0]
     if query_features != heads * 2 * dim_head:

@@ -85,9 +85,8 @@ def test_tracker_end_to_end_matches_search_on_real_tokens():
     real = indices[mask.reshape(-1)].reshape(-1)
     c = tracker.counts("1")
     assert torch.equal(c["reads"], torch.bincount(real, minlength=16))
-    torch.testing.assert_close(
-        c["mass"], torch.zeros(16, dtype=torch.float64).index_add_(0, real, weights[mask.reshape(-1)].reshape(-1).double())
-    )
+    real_weights = weights[mask.reshape(-1)].reshape(-1).double()
+    torch.testing.assert_close(c["mass"], torch.zeros(16, dtype=torch.float64).index_add_(0, real, real_weights))
     assert int(c["tokens"]) == int(mask.sum())
     assert int(tracker.counts("3")["reads"].sum()) == 0  # not called
 
@@ -144,9 +143,11 @@ def test_tracker_does_not_sync_on_cuda():
     mask = torch.rand(4, device="cuda") > 0.5
     tracker = MemoryUsageTracker(pkm)
     with tracker:
-        pkm(x, input_mask=mask)  # allocate
-        torch.cuda.set_sync_debug_mode("error")
+        pkm(x, input_mask=mask)  # allocates the counts
+        weights, indices = pkm.search(pkm.queries(x, mask))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any host sync inside the hook raises
         try:
-            pkm.usage_hook(*pkm.search(pkm.queries(x, mask))[::-1], mask)
+            pkm.usage_hook(indices, weights, mask)
         finally:
             torch.cuda.set_sync_debug_mode("default")

@@ -140,7 +140,8 @@ def test_from_xlm_with_prefix_options_and_padding():
     x = torch.randn(3, 5, 24)
     mask = torch.rand(3, 5) > 0.4
     out = pkm(x, input_mask=mask)
-    ref = xlm_reference({k[len("memories.1."):]: v for k, v in sd.items() if k.startswith("memories.1.")}, x.view(-1, 24), 4)
+    inner = {k[len("memories.1."):]: v for k, v in sd.items() if k.startswith("memories.1.")}
+    ref = xlm_reference(inner, x.view(-1, 24), 4)
     torch.testing.assert_close(out[mask], ref.view(3, 5, 24)[mask], atol=1e-5, rtol=1e-5)
     assert (out[~mask] == 0).all()
 
