@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from . import functional as PF
 from .pkm import PKM
 
-__all__ = ["ShardedValues", "sharded_value_read", "shard_values", "sharded_parameters"]
+__all__ = ["ShardedValues", "sharded_value_read", "shard_values", "sharded_parameters", "clip_grad_norm_"]
 
 
 def column_sizes(dim: int, world_size: int) -> List[int]:
@@ -284,3 +284,37 @@ def sharded_parameters(model: nn.Module) -> List[nn.Parameter]:
             seen.add(id(module.weight))
             tables.append(module.weight)
     return tables
+
+
+def clip_grad_norm_(
+    model: nn.Module, max_norm: float, *, group: Optional[dist.ProcessGroup] = None
+) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (2-norm) for a model holding :class:`ShardedValues`.
+
+    Each rank sees only its columns of a sharded table, so their squared gradients are summed
+    over ``group``; every other gradient (the same on every rank after DDP's all-reduce, or a
+    DTensor under ``fully_shard``) counts once. Every rank gets the same total norm and the
+    same scale. Collective.
+
+    Returns:
+        the total norm of all gradients, before clipping.
+    """
+    sharded = [p for p in sharded_parameters(model) if p.grad is not None]
+    ids = {id(p) for p in sharded}
+    dense = [p for p in model.parameters() if id(p) not in ids and p.grad is not None]
+    first = (sharded or dense)[0].grad if sharded or dense else torch.zeros(())
+    dtype = torch.promote_types(first.dtype, torch.float32)  # as torch: float64 gradients, float64 norm
+    square = torch.zeros((), device=first.device, dtype=dtype)
+    for p in sharded:
+        g = p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+        square = square + g.to(dtype).pow(2).sum()
+    dist.all_reduce(square, group=group)
+    if dense:
+        norm = nn.utils.get_total_norm([p.grad for p in dense])
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under fully_shard
+        square = square + norm.to(device=first.device, dtype=dtype).pow(2)
+    total = square.sqrt()
+    for params in (dense, sharded):  # two calls: foreach kernels do not mix DTensors and tensors
+        if params:
+            nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total

@@ -24,7 +24,7 @@ from product_key_memory import (
     shard_values,
     sharded_parameters,
 )
-from product_key_memory.distributed import column_sizes, sharded_value_read
+from product_key_memory.distributed import clip_grad_norm_, column_sizes, sharded_value_read
 from product_key_memory.functional import value_read_reference
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -141,17 +141,30 @@ def _scenario_model(rank, world):
     return pairs
 
 
-def _train_step(model, data, world):
-    """One AdamW step with the value group at its own rate and no weight decay; returns the gradients."""
+def _train_step(model, data, world, clip):
+    """One clipped AdamW step, the value group at its own rate without weight decay; returns the gradients."""
     opt = torch.optim.AdamW(fetch_optimizer_parameters(model, 1e-2, pkm_weight_decay=0.0), lr=1e-3, weight_decay=0.1)
     if isinstance(data, tuple):  # this rank's tokens
         loss = _loss(model(*data), data[1])
     else:  # one process sees every rank's batch; DDP and FSDP average the ranks' losses
         loss = sum(_loss(model(*d), d[1]) for d in data) / world
     loss.backward()
+    norm = clip(model)
     grads = {n: _full(p.grad).clone() for n, p in model.named_parameters()}
+    grads["total norm"] = norm
     opt.step()
     return grads
+
+
+MAX_NORM = 0.05  # below the gradient norm of the test model, so clipping changes the gradients
+
+
+def _clip_one_process(model):
+    return nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+
+
+def _clip_sharded(model):
+    return clip_grad_norm_(model, MAX_NORM)
 
 
 def _full(t):
@@ -166,6 +179,8 @@ def _compare_step(model, ref, grads, ref_grads):
         "table": (shard.weight.detach(), ref.mem.values.weight.detach()[:, cols]),
         "grad table": (shard.weight.grad, ref.mem.values.weight.grad[:, cols]),
     }
+    pairs["total norm"] = (grads["total norm"], ref_grads["total norm"])
+    pairs["clipping happened"] = (torch.tensor(bool(ref_grads["total norm"] > MAX_NORM)), torch.tensor(True))
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         name = name.removeprefix("module.")
@@ -176,13 +191,13 @@ def _compare_step(model, ref, grads, ref_grads):
 
 
 def _scenario_ddp(rank, world):
-    """One AdamW step under DDP equals the step on all ranks' tokens in one process."""
+    """One clipped AdamW step under DDP equals the step on all ranks' tokens in one process."""
     ref, data = _model_and_data(rank, world, torch.float64)
     model = shard_values(copy.deepcopy(ref))
     ddp = nn.parallel.DistributedDataParallel(model)
-    grads = _train_step(ddp, data[rank], world)
+    grads = _train_step(ddp, data[rank], world, lambda ddp: _clip_sharded(ddp.module))
     grads = {n.removeprefix("module."): g for n, g in grads.items()}
-    return _compare_step(model, ref, grads, _train_step(ref, data, world))
+    return _compare_step(model, ref, grads, _train_step(ref, data, world, _clip_one_process))
 
 
 def _scenario_fsdp2(rank, world):
@@ -192,8 +207,8 @@ def _scenario_fsdp2(rank, world):
     ref, data = _model_and_data(rank, world, torch.float64)
     model = shard_values(copy.deepcopy(ref))
     fully_shard(model, ignored_params=set(sharded_parameters(model)))
-    grads = _train_step(model, data[rank], world)
-    pairs = _compare_step(model, ref, grads, _train_step(ref, data, world))
+    grads = _train_step(model, data[rank], world, _clip_sharded)
+    pairs = _compare_step(model, ref, grads, _train_step(ref, data, world, _clip_one_process))
     pairs["dense parameters are sharded"] = (torch.tensor(hasattr(model.proj.weight, "full_tensor")), torch.tensor(True))
     return pairs
 
