@@ -19,8 +19,8 @@ class ValuePool(nn.EmbeddingBag):
 
     Args:
         num_keys: sub-keys per half of the layers that read the pool; it holds ``num_keys ** 2`` slots.
-        dim: width of a value row (the layers' ``dim``, or ``dim_head`` with
-            ``concat_values_and_combine``).
+        dim: width of a value row, the ``value_dim`` of the layers that read it (their ``dim``
+            by default, ``dim_head`` with ``concat_values_and_combine``).
 
     Keyword-only args:
         sparse: make the gradient of the table sparse (for ``torch.optim.SparseAdam``).
