@@ -4,7 +4,7 @@ from . import distributed, functional
 from .distributed import ShardedValues, shard_values, sharded_parameters
 from .memory_plus import MemoryPlus
 from .norms import MaskedBatchNorm, QueryLayerNorm
-from .optim import fetch_optimizer_parameters, fetch_pkm_value_parameters
+from .optim import SparseRowAdam, build_optimizer, fetch_optimizer_parameters, fetch_pkm_value_parameters
 from .pkm import PKM, ProductKeyMemory
 from .pool import ValuePool
 from .usage import MemoryUsageTracker, save_usage_plot, usage_statistics
@@ -25,6 +25,8 @@ __all__ = [
     "fetch_pkm_value_parameters",
     "fetch_optimizer_parameters",
     "distributed",
+    "SparseRowAdam",
+    "build_optimizer",
     "functional",
     "from_xlm",
     "MemoryUsageTracker",

@@ -12,17 +12,29 @@ Layouts used throughout (``...`` is any number of leading token dims):
 * keys        ``(heads, 2, num_keys, dim_key)``
 * sub-scores  ``(..., heads, 2, num_keys)``
 * slots       ``(..., heads, topk)``, slot ``i1 * num_keys + i2``
+
+Fast paths (``product_key_memory.ops``) are chosen automatically by
+:func:`product_key_search` and :func:`value_read` and give the same selections,
+outputs and gradients as the references. ``with reference_path():`` forces the
+references (for debugging); options the fast paths do not cover (a custom
+``subkey_topk``, e.g. ``differentiable_topk``) always take the reference path.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+import contextlib
+import contextvars
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import ops
+
 __all__ = [
+    "reference_path",
+    "fast_path_enabled",
     "subkey_scores",
     "candidate_pairs",
     "product_topk",
@@ -36,6 +48,28 @@ __all__ = [
 ]
 
 TopkFn = Callable[[Tensor, int], Tuple[Tensor, Tensor]]
+
+# set only by ``reference_path``, which restores it; a ContextVar is per thread and per task
+_FORCE_REFERENCE = contextvars.ContextVar("product_key_memory_force_reference", default=False)
+
+
+@contextlib.contextmanager
+def reference_path(enabled: bool = True) -> Iterator[None]:
+    """Within this block, search and value reads take the plain reference paths.
+
+    For debugging a suspected fast-path problem: ``with reference_path(): model(x)``.
+    The reference value read always returns a dense value gradient.
+    """
+    token = _FORCE_REFERENCE.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _FORCE_REFERENCE.reset(token)
+
+
+def fast_path_enabled() -> bool:
+    """``False`` inside :func:`reference_path`."""
+    return not _FORCE_REFERENCE.get()
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,8 +89,9 @@ def subkey_scores(queries: Tensor, keys: Tensor) -> Tensor:
         computed outside autocast so mixed precision never lowers score precision.
     """
     dtype = _score_dtype(torch.promote_types(queries.dtype, keys.dtype))
-    with torch.autocast(device_type=queries.device.type, enabled=False):
-        return torch.einsum("...hpd,hpnd->...hpn", queries.to(dtype), keys.to(dtype))
+    lead, (heads, _, dim_key) = queries.shape[:-3], queries.shape[-3:]
+    s1, s2 = ops.half_scores(queries.reshape(-1, heads, 2, dim_key), keys, dtype)  # (H, N, num_keys) each
+    return torch.stack((s1, s2), dim=2).transpose(0, 1).reshape(*lead, heads, 2, keys.shape[-2])
 
 
 def candidate_pairs(topk: int, device: Optional[torch.device] = None) -> Tensor:
@@ -99,6 +134,8 @@ def product_topk(
         ``scores, indices``, both ``(..., heads, topk)``, sorted by descending score;
         ``indices`` are slots ``i1 * num_keys + i2``.
     """
+    if not fast_path_enabled():
+        return product_topk_reference(sub_scores, topk, subkey_topk=subkey_topk)
     num_keys = sub_scores.shape[-1]
     if subkey_topk is None:
         best, best_idx = sub_scores.topk(topk, dim=-1)
@@ -139,8 +176,20 @@ def product_key_search(
     pairs: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Queries ``(..., heads, 2, dim_key)`` and keys ``(heads, 2, num_keys, dim_key)``
-    -> ``scores, indices`` of the ``topk`` best slots per head, ``(..., heads, topk)``."""
-    return product_topk(subkey_scores(queries, keys), topk, subkey_topk=subkey_topk, pairs=pairs)
+    -> ``scores, indices`` of the ``topk`` best slots per head, ``(..., heads, topk)``.
+
+    Equals ``product_topk(subkey_scores(queries, keys), topk)``; without a custom
+    ``subkey_topk`` (and outside :func:`reference_path`) it runs ``ops.search_fast``,
+    which reads the keys in place and never builds the stacked sub-score tensor.
+    """
+    if subkey_topk is not None or not fast_path_enabled():
+        return product_topk(subkey_scores(queries, keys), topk, subkey_topk=subkey_topk, pairs=pairs)
+    lead, (heads, _, dim_key) = queries.shape[:-3], queries.shape[-3:]
+    if pairs is None:
+        pairs = candidate_pairs(topk, queries.device)
+    dtype = _score_dtype(torch.promote_types(queries.dtype, keys.dtype))
+    scores, slots = ops.search_fast(queries.reshape(-1, heads, 2, dim_key), keys, topk, pairs, dtype)
+    return scores.reshape(*lead, heads, topk), slots.reshape(*lead, heads, topk)
 
 
 def brute_force_search(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
@@ -203,23 +252,21 @@ def value_read(
     trainable: Optional[Tensor] = None,
     sparse: bool = False,
 ) -> Tensor:
-    """Same result as :func:`value_read_reference`, through ``F.embedding_bag``.
+    """Same result and gradients as :func:`value_read_reference`, faster.
 
-    ``sparse=True`` makes the gradient of ``values`` a sparse tensor holding only the
-    rows read (for ``torch.optim.SparseAdam``).
+    One ``embedding_bag`` forward; the backward (``ops.ValueRead``) touches only the
+    rows read: ``sparse=True`` makes the gradient of ``values`` a coalesced sparse
+    tensor holding just those rows (for ``optim.SparseRowAdam`` or
+    ``torch.optim.SparseAdam``), skipping rows read only with weight 0 (padding) or
+    outside ``trainable``. Inside :func:`reference_path` this is the reference.
     """
     _check_read_args(values, indices, weights, trainable)
+    if not fast_path_enabled():
+        return value_read_reference(values, indices, weights, trainable=trainable)
     lead, m = indices.shape[:-1], indices.shape[-1]
     flat_idx = indices.reshape(-1, m)
     flat_w = None if weights is None else weights.reshape(-1, m).to(values.dtype)
-    if trainable is None:
-        out = F.embedding_bag(flat_idx, values, mode="sum", per_sample_weights=flat_w, sparse=sparse)
-    else:
-        # two bags: trainable rows read the live table, the rest a detached view of it
-        keep = trainable[flat_idx].to(values.dtype)
-        w = keep.new_ones(keep.shape) if flat_w is None else flat_w
-        out = F.embedding_bag(flat_idx, values, mode="sum", per_sample_weights=w * keep, sparse=sparse)
-        out = out + F.embedding_bag(flat_idx, values.detach(), mode="sum", per_sample_weights=w * (1 - keep))
+    out = ops.value_read_fast(values, flat_idx, flat_w, trainable, sparse)
     return out.view(*lead, values.shape[1])
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Tuple
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-__all__ = ["fetch_pkm_value_parameters", "fetch_optimizer_parameters"]
+__all__ = ["fetch_pkm_value_parameters", "fetch_optimizer_parameters", "SparseRowAdam", "build_optimizer"]
 
 
 def _value_tables(module: nn.Module) -> List[nn.Parameter]:
@@ -45,3 +47,148 @@ def fetch_optimizer_parameters(
     if pkm_weight_decay is not None:
         value_group["weight_decay"] = pkm_weight_decay
     return [{"params": rest}, value_group]
+
+
+class SparseRowAdam(torch.optim.Optimizer):
+    r"""Adam that, given a sparse gradient, updates only the rows it holds (lazy Adam).
+
+    Dense gradients get exactly ``torch.optim.Adam``'s step (``amsgrad=False``,
+    ``maximize=False``). A sparse gradient (e.g. a PKM value table with
+    ``values.sparse = True``) updates its rows' moments and values and leaves every
+    other row, and its moments, untouched, so the step costs follow the tokens, not
+    the table size. Bias correction counts the steps in which the parameter had a
+    gradient (as ``torch.optim.SparseAdam``); when every row is in every sparse
+    gradient the result equals ``torch.optim.Adam``. ``weight_decay`` is L2 added to
+    the gradient, on the touched rows only for sparse gradients.
+
+    Args:
+        params: parameters or groups, e.g. :func:`fetch_optimizer_parameters`.
+        lr, betas, eps, weight_decay: as ``torch.optim.Adam``.
+        chunk_bytes: sparse rows are updated in blocks of about this many bytes, so the
+            temporaries stay small and are reused instead of freshly mapped.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        chunk_bytes: int = 256 << 10,
+    ):
+        if not 0.0 <= lr:
+            raise ValueError(f"lr must be >= 0, got {lr!r}")
+        if not 0.0 <= eps:
+            raise ValueError(f"eps must be >= 0, got {eps!r}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two floats in [0, 1), got {betas!r}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+        self.chunk_bytes = chunk_bytes
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                if p.grad.is_sparse:
+                    self._sparse_step(p, p.grad, state, group)
+                else:
+                    self._dense_step(p, p.grad, state, group)
+        return loss
+
+    @staticmethod
+    def _coefficients(state, group):
+        beta1, beta2 = group["betas"]
+        step = state["step"].item()
+        step_size = group["lr"] / (1 - beta1**step)
+        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+        return beta1, beta2, step_size, bias_correction2_sqrt
+
+    def _dense_step(self, p: Tensor, grad: Tensor, state, group) -> None:
+        # the formulas of torch.optim.Adam's single-tensor step, in the same order
+        beta1, beta2, step_size, bc2_sqrt = self._coefficients(state, group)
+        if group["weight_decay"] != 0:
+            grad = grad.add(p, alpha=group["weight_decay"])
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(group["eps"])
+        p.addcdiv_(exp_avg, denom, value=-step_size)
+
+    def _sparse_step(self, p: Tensor, grad: Tensor, state, group) -> None:
+        beta1, beta2, step_size, bc2_sqrt = self._coefficients(state, group)
+        if grad.sparse_dim() != 1:  # e.g. dense.to_sparse(): one index per element, make it row-sparse
+            grad = grad.to_dense().to_sparse(sparse_dim=1)
+        rows, values = grad._indices()[0], grad._values()
+        # PKM's gradient arrives with sorted unique rows, but autograd drops the coalesced flag
+        if not (grad.is_coalesced() or bool((rows[1:] > rows[:-1]).all())):
+            grad = grad.coalesce()
+            rows, values = grad.indices()[0], grad.values()
+        if rows.numel() == 0:
+            return
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        row_bytes = max(1, values[0].numel() * values.element_size())
+        chunk = max(1, self.chunk_bytes // row_bytes)
+        for start in range(0, rows.numel(), chunk):
+            r, g = rows[start : start + chunk], values[start : start + chunk]
+            if group["weight_decay"] != 0:
+                g = g.add(p.index_select(0, r), alpha=group["weight_decay"])
+            m_r = exp_avg.index_select(0, r).lerp_(g, 1 - beta1)
+            v_r = exp_avg_sq.index_select(0, r).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            exp_avg.index_copy_(0, r, m_r)
+            exp_avg_sq.index_copy_(0, r, v_r)
+            denom = v_r.sqrt_().div_(bc2_sqrt).add_(group["eps"])
+            # p + (-step_size * m) / denom: the order of operations of Adam's addcdiv_
+            p.index_add_(0, r, m_r.mul_(-step_size).div_(denom))
+
+
+def build_optimizer(
+    module: nn.Module,
+    lr: float = 1e-3,
+    pkm_learning_rate: float = 1e-2,
+    *,
+    sparse_values: bool = True,
+    betas: Tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    pkm_weight_decay: Optional[float] = None,
+) -> SparseRowAdam:
+    """The recommended optimizer set-up for a model holding PKM layers.
+
+    One :class:`SparseRowAdam` over :func:`fetch_optimizer_parameters` (value tables
+    at ``pkm_learning_rate``, everything else at ``lr``). With ``sparse_values``
+    (default) it first sets ``sparse = True`` on every PKM's value module, so value
+    gradients hold only the rows read and the step updates only those rows: a
+    training step then costs the same for a 65k- or a 1M-slot table. Without it
+    this is plain Adam.
+
+    Example::
+
+        >>> opt = build_optimizer(model, lr=1e-3, pkm_learning_rate=1e-2)
+        >>> loss.backward(); opt.step(); opt.zero_grad()
+    """
+    if sparse_values:
+        from .pkm import PKM
+
+        for m in module.modules():
+            if isinstance(m, PKM):
+                m.values.sparse = True
+    groups = fetch_optimizer_parameters(module, pkm_learning_rate, pkm_weight_decay=pkm_weight_decay)
+    return SparseRowAdam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

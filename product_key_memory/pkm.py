@@ -280,14 +280,16 @@ class PKM(nn.Module):
 
     def search(self, queries: Tensor, gumbel_noise_scale: float = 0.0):
         """Queries ``(N, heads, 2, dim_head)`` -> slot weights and slots, ``(N, heads, topk)``."""
-        keys = self.keys.transpose(1, 2)  # (H, 2, num_keys, d)
+        keys = self.keys.transpose(1, 2)  # (H, 2, num_keys, d), a view: no copy
         if self.qk_norm:
             queries, keys = PF.qk_normalize(queries, keys)
-        sub = PF.subkey_scores(queries, keys)  # (N, H, 2, num_keys)
-        if gumbel_noise_scale > 0.0 and self.training:
-            sub = sub + PF.gumbel_noise_like(sub) * gumbel_noise_scale
         subkey_topk = _coor_descent_topk if self.differentiable_topk else None
-        scores, indices = PF.product_topk(sub, self.topk, subkey_topk=subkey_topk, pairs=self.pairs)
+        if gumbel_noise_scale > 0.0 and self.training:
+            sub = PF.subkey_scores(queries, keys)  # (N, H, 2, num_keys)
+            sub = sub + PF.gumbel_noise_like(sub) * gumbel_noise_scale
+            scores, indices = PF.product_topk(sub, self.topk, subkey_topk=subkey_topk, pairs=self.pairs)
+        else:
+            scores, indices = PF.product_key_search(queries, keys, self.topk, subkey_topk=subkey_topk, pairs=self.pairs)
         weights = PF.rescore(
             scores,
             temperature=self.temperature,

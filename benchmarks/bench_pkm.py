@@ -1,0 +1,297 @@
+"""This library against product-key-memory 0.3.0, side by side in one process.
+
+    python benchmarks/bench_pkm.py            # full run, writes benchmarks/results/bench_pkm.json
+    python benchmarks/bench_pkm.py --quick    # fewer repeats, 2 threads only
+
+Configurations: ``readme`` (dim=512, heads=4, dim_head=128, num_keys=256, topk=32,
+input (1, 1024, 512)), ``keys1024`` (the same with num_keys=1024: 1M slots), and
+``decode`` (README layer, input (1, 1, 512)). Phases: ``forward`` (eval, no grad),
+``fwd+bwd`` (train mode, loss ``out.square().mean()``), ``step`` (zero_grad, forward,
+backward, optimizer step; each library's recommended set-up: 0.3.0 is
+``torch.optim.Adam(fetch_optimizer_parameters(m))``, ours is ``build_optimizer(m)``),
+and ``memory``: the peak RSS growth of one training step after three warm-up steps,
+read from ``/proc/self/status`` (``VmHWM`` reset through ``/proc/self/clear_refs``)
+in a fresh child process per library, both children with the same environment
+(allocator settings). ``fwd+bwd`` of ours uses the recommended sparse value
+gradient; ``fwd+bwd dense`` is ours with a dense value gradient (plain Adam users).
+
+Both layers hold the same weights (ours' state dict loads into 0.3.0). Forward and
+fwd+bwd alternate between the libraries on every repeat; training steps run one
+library after the other (their optimizer states would not fit together at 1M slots).
+Reported: median and min-max in ms, and ratio = 0.3.0 median / our median.
+Not a test: nothing here asserts timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.peer import load_peer  # noqa: E402
+from product_key_memory import PKM, build_optimizer  # noqa: E402
+
+LAYER = dict(dim=512, heads=4, dim_head=128, topk=32)
+CONFIGS = {
+    "readme": dict(num_keys=256, shape=(1, 1024, 512), phases=("forward", "fwd+bwd", "fwd+bwd dense", "step")),
+    "keys1024": dict(num_keys=1024, shape=(1, 1024, 512), phases=("forward", "fwd+bwd", "fwd+bwd dense", "step")),
+    "decode": dict(num_keys=256, shape=(1, 1, 512), phases=("forward",)),
+}
+ALLOCATOR_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                 "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
+
+
+def make_pair(num_keys: int, seed: int = 0):
+    peer = load_peer()
+    torch.manual_seed(seed)
+    ours = PKM(num_keys=num_keys, **LAYER)
+    theirs = peer.PKM(num_keys=num_keys, **LAYER)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    return ours, theirs, peer
+
+
+def loss_of(out):
+    return out.square().mean()
+
+
+def timed(fn, inner: int = 1) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def summarize(samples):
+    ms = [s * 1e3 for s in samples]
+    return dict(median_ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms), n=len(ms))
+
+
+def bench_alternating(fns: dict, repeats: int, warmup: int, inner: int):
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {k: [] for k in fns}
+    for r in range(repeats):
+        order = list(fns) if r % 2 == 0 else list(fns)[::-1]
+        for k in order:
+            samples[k].append(timed(fns[k], inner))
+    return {k: summarize(v) for k, v in samples.items()}
+
+
+def forward_fns(ours, theirs, x):
+    ours.eval(), theirs.eval()
+
+    def f_ours():
+        with torch.no_grad():
+            ours(x)
+
+    def f_peer():
+        with torch.no_grad():
+            theirs(x)
+
+    return f_ours, f_peer
+
+
+def fwd_bwd_fns(ours, theirs, x, sparse: bool):
+    ours.train(), theirs.train()
+
+    def f_ours():
+        ours.values.sparse = sparse
+        ours.zero_grad(set_to_none=True)
+        loss_of(ours(x)).backward()
+
+    def f_peer():
+        theirs.zero_grad(set_to_none=True)
+        loss_of(theirs(x)).backward()
+
+    return f_ours, f_peer
+
+
+def make_step(lib: str, model, peer):
+    model.train()
+    if lib == "ours":
+        opt = build_optimizer(model, lr=1e-3, pkm_learning_rate=1e-2)
+    else:
+        opt = torch.optim.Adam(peer.fetch_optimizer_parameters(model, pkm_learning_rate=1e-2), lr=1e-3)
+
+    def step(x):
+        opt.zero_grad(set_to_none=True)
+        loss_of(model(x)).backward()
+        opt.step()
+
+    return step, opt
+
+
+def bench_steps(ours, theirs, peer, x, repeats: int, warmup: int):
+    out = {}
+    for lib, model in (("ours", ours), ("peer", theirs)):
+        step, opt = make_step(lib, model, peer)
+        for _ in range(warmup):
+            step(x)
+        out[lib] = summarize([timed(lambda: step(x)) for _ in range(repeats)])
+        model.zero_grad(set_to_none=True)
+        del step, opt
+        gc.collect()
+    if "ours" in out:
+        ours.values.sparse = False
+    return out
+
+
+# -- memory: one child process per library -------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(lib: str, config: str, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    cfg = CONFIGS[config]
+    ours, theirs, peer = make_pair(cfg["num_keys"])
+    model = ours if lib == "ours" else theirs
+    del ours, theirs
+    gc.collect()
+    x = torch.randn(cfg["shape"])
+    step, opt = make_step(lib, model, peer)
+    for _ in range(3):
+        step(x)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    before = _status_kib("VmRSS")
+    step(x)
+    peak = _status_kib("VmHWM")
+    return dict(lib=lib, config=config, rss_before_mib=before / 1024, peak_growth_mib=(peak - before) / 1024)
+
+
+def bench_memory(config: str, threads: int) -> dict:
+    res = {}
+    for lib in ("ours", "peer"):
+        cmd = [sys.executable, __file__, "--_memory-child", lib, config, str(threads)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), check=True)
+        res[lib] = json.loads(done.stdout.strip().splitlines()[-1])
+    return res
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def run(args) -> dict:
+    results = dict(
+        meta=dict(
+            torch=torch.__version__, python=platform.python_version(), machine=platform.processor() or platform.machine(),
+            cpu_count=os.cpu_count(), loadavg_start=os.getloadavg(), quick=args.quick,
+            allocator_env={k: os.environ.get(k) for k in ALLOCATOR_ENV},
+            time_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        ),
+        rows=[],
+    )
+    repeats = 3 if args.quick else args.repeats
+    for config in args.configs:
+        cfg = CONFIGS[config]
+        ours, theirs, peer = make_pair(cfg["num_keys"])
+        x = torch.randn(cfg["shape"])
+        with torch.no_grad():
+            ours.eval(), theirs.eval()
+            diff = (ours(x) - theirs(x)).abs().max().item()
+        print(f"[{config}] max |ours - 0.3.0| forward = {diff:.2e}", flush=True)
+        decode = cfg["shape"][1] == 1
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for phase in cfg["phases"]:
+                if args.phases and phase not in args.phases:
+                    continue
+                if phase == "forward":
+                    f_ours, f_peer = forward_fns(ours, theirs, x)
+                    r = bench_alternating({"ours": f_ours, "peer": f_peer}, repeats * (3 if decode else 1),
+                                          warmup=3 if decode else 1, inner=200 if decode else 1)
+                elif phase in ("fwd+bwd", "fwd+bwd dense"):
+                    f_ours, f_peer = fwd_bwd_fns(ours, theirs, x, sparse=phase == "fwd+bwd")
+                    r = bench_alternating({"ours": f_ours, "peer": f_peer}, repeats, warmup=1, inner=1)
+                    ours.values.sparse = False
+                    ours.zero_grad(set_to_none=True), theirs.zero_grad(set_to_none=True)
+                else:
+                    step_repeats = max(3, repeats // 2) if cfg["num_keys"] > 256 else repeats
+                    r = bench_steps(ours, theirs, peer, x, step_repeats, warmup=2)
+                row = dict(config=config, threads=threads, phase=phase, ours=r["ours"], peer=r["peer"],
+                           ratio=r["peer"]["median_ms"] / r["ours"]["median_ms"])
+                results["rows"].append(row)
+                print(format_row(row), flush=True)
+        del ours, theirs
+        gc.collect()
+    for config in args.memory_configs:
+        for threads in args.threads[-1:]:
+            m = bench_memory(config, threads)
+            row = dict(config=config, threads=threads, phase="step peak RSS growth", ours=m["ours"], peer=m["peer"],
+                       ratio=m["peer"]["peak_growth_mib"] / max(m["ours"]["peak_growth_mib"], 1e-9))
+            results["rows"].append(row)
+            print(format_row(row), flush=True)
+    results["meta"]["loadavg_end"] = os.getloadavg()
+    return results
+
+
+def format_row(row) -> str:
+    o, p = row["ours"], row["peer"]
+    head = f"{row['config']:<9} {row['threads']}T {row['phase']:<21}"
+    if "peak_growth_mib" in o:
+        return f"{head} ours {o['peak_growth_mib']:9.1f} MiB   0.3.0 {p['peak_growth_mib']:9.1f} MiB   0.3.0/ours {row['ratio']:6.2f}x"
+    return (f"{head} ours {o['median_ms']:9.3f} ms [{o['min_ms']:.3f}-{o['max_ms']:.3f}]   "
+            f"0.3.0 {p['median_ms']:9.3f} ms [{p['min_ms']:.3f}-{p['max_ms']:.3f}]   speed-up {row['ratio']:6.2f}x")
+
+
+def markdown_table(results) -> str:
+    lines = ["| config | threads | phase | ours (median) | 0.3.0 (median) | 0.3.0 / ours |", "|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        o, p = row["ours"], row["peer"]
+        if "peak_growth_mib" in o:
+            a, b = f"{o['peak_growth_mib']:.0f} MiB", f"{p['peak_growth_mib']:.0f} MiB"
+        else:
+            a, b = f"{o['median_ms']:.3f} ms", f"{p['median_ms']:.3f} ms"
+        lines.append(f"| {row['config']} | {row['threads']} | {row['phase']} | {a} | {b} | {row['ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 repeats, 2 threads only")
+    parser.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default 1 2)")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--memory-configs", nargs="*", default=["readme"], choices=list(CONFIGS)[:2],
+                        help="configs whose training-step memory is measured (0.3.0 needs ~10 GB at keys1024)")
+    parser.add_argument("--phases", nargs="+", default=None, help="only these phases (default: all of each config)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_pkm.json")
+    parser.add_argument("--_memory-child", nargs=3, metavar=("LIB", "CONFIG", "THREADS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._memory_child:
+        lib, config, threads = args._memory_child
+        print(json.dumps(memory_child(lib, config, int(threads))))
+        return
+    if args.threads is None:
+        args.threads = [2] if args.quick else [1, 2]
+    results = run(args)
+    print()
+    print(markdown_table(results))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

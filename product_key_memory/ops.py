@@ -1,0 +1,148 @@
+"""Fast paths of the functional core, each checked against a reference in ``functional``.
+
+Pure PyTorch (no compiler at install time). What each one saves, measured with
+``benchmarks/bench_pkm.py``:
+
+* :func:`search_fast`: sub-key scores by one batched GEMM per query half straight
+  from the stored ``(heads, num_keys, 2, dim_key)`` keys (no re-layout copy, which
+  dominates a decoding step), top-k of each half, and only the
+  ``(a + 1) * (b + 1) <= topk`` candidate pairs instead of the ``topk ** 2`` grid.
+* :class:`ValueRead`: forward is one ``embedding_bag``; the backward builds the
+  value gradient from the slots actually read (sorted once, then one
+  ``embedding_bag`` over the small output gradient), optionally as a sparse tensor
+  of only those rows, so a training step does not zero or scan the whole table.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["half_scores", "search_fast", "ValueRead", "value_read_fast"]
+
+
+def half_scores(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """Sub-key scores of each query half, ``(heads, N, num_keys)`` each.
+
+    ``queries`` is ``(N, heads, 2, dim_key)`` and ``keys`` ``(heads, 2, num_keys, dim_key)``,
+    both in any strides with a unit last stride (the module's keys are a transposed
+    view of its ``(heads, num_keys, 2, dim_key)`` parameter): each half is a strided
+    matrix BLAS reads in place, so nothing is copied.
+    """
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        q, k = queries.to(dtype), keys.to(dtype)
+        return tuple(torch.bmm(q[:, :, p].transpose(0, 1), k[:, p].transpose(1, 2)) for p in (0, 1))
+
+
+def search_fast(queries: Tensor, keys: Tensor, topk: int, pairs: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """``(N, heads, 2, dim_key)`` queries -> ``scores, slots`` ``(N, heads, topk)``, best first.
+
+    Same selection as ``product_topk(subkey_scores(...))``: the same sub-score
+    values (:func:`half_scores` is also what ``subkey_scores`` stacks), the same
+    candidate sums, the same ``topk`` calls.
+    """
+    num_keys = keys.shape[-2]
+    s1, s2 = half_scores(queries, keys, dtype)  # (H, N, num_keys) each
+    v1, i1 = s1.topk(topk, dim=-1)  # (H, N, topk), descending
+    v2, i2 = s2.topk(topk, dim=-1)
+    a, b = pairs[0], pairs[1]
+    cand = v1.index_select(-1, a) + v2.index_select(-1, b)  # (H, N, P)
+    cand_slots = i1.index_select(-1, a) * num_keys + i2.index_select(-1, b)
+    scores, pos = cand.topk(topk, dim=-1)
+    slots = cand_slots.gather(-1, pos)
+    return scores.transpose(0, 1), slots.transpose(0, 1)  # (N, H, topk)
+
+
+# -- value read -----------------------------------------------------------------------------
+
+
+def _weight_grad(grad_out: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    """``d out / d weights``: the dot product of each bag's output gradient with each row it read."""
+    bags, m = indices.shape
+    flat = indices.reshape(-1)
+    offsets = torch.arange(0, bags * m, m, device=flat.device)
+    offset2bag = torch.arange(bags, device=flat.device).repeat_interleave(m)
+    g = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        grad_out.to(values.dtype).contiguous(), values, flat, offsets, offset2bag, 0, -1
+    )
+    return g.view(bags, m)
+
+
+def _value_grad(
+    grad_out: Tensor,
+    indices: Tensor,
+    weights: Optional[Tensor],
+    trainable: Optional[Tensor],
+    shape: torch.Size,
+    sparse: bool,
+) -> Tensor:
+    """``d out / d values`` holding only the rows read with a non-zero weight (and trainable).
+
+    The reads are sorted by slot once; each touched row is then the weighted sum of
+    the output gradients of the bags that read it, which is an ``embedding_bag`` over
+    the ``(bags, dim)`` output gradient with one bag per touched row.
+    """
+    m = indices.shape[-1]
+    flat = indices.reshape(-1)
+    w = None if weights is None else weights.reshape(-1)
+    keep = None if trainable is None else trainable[flat]
+    if w is not None:
+        keep = (w != 0) if keep is None else keep & (w != 0)  # padded tokens and ReLU-gated zeros add nothing
+    if keep is not None:
+        pos = keep.nonzero().squeeze(1)
+        slots = flat.index_select(0, pos)
+    else:
+        pos, slots = None, flat
+    sorted_slots, order = slots.sort()
+    if pos is not None:
+        order = pos.index_select(0, order)
+    rows_idx, counts = torch.unique_consecutive(sorted_slots, return_counts=True)
+    offsets = counts.cumsum(0) - counts
+    psw = None if w is None else w.index_select(0, order).to(grad_out.dtype)
+    rows = F.embedding_bag(order.div(m, rounding_mode="floor"), grad_out.contiguous(), offsets, mode="sum", per_sample_weights=psw)
+    if sparse:
+        return torch.sparse_coo_tensor(rows_idx.unsqueeze(0), rows, shape, is_coalesced=True, check_invariants=False)
+    dense = rows.new_zeros(shape)
+    return dense.index_copy_(0, rows_idx, rows)
+
+
+class ValueRead(torch.autograd.Function):
+    """``out[b] = sum_j weights[b, j] * values[indices[b, j]]`` with a row-sparse backward.
+
+    Inputs: ``values (num_slots, dim)``, ``indices (bags, m)`` long, ``weights (bags, m)``
+    in the dtype of ``values`` or ``None``, ``trainable`` bool ``(num_slots,)`` or ``None``,
+    ``sparse``: return the value gradient as a coalesced sparse tensor.
+    Reference: ``functional.value_read_reference``.
+    """
+
+    @staticmethod
+    def forward(ctx, values: Tensor, indices: Tensor, weights: Optional[Tensor], trainable: Optional[Tensor], sparse: bool):
+        out = F.embedding_bag(indices, values, mode="sum", per_sample_weights=weights)
+        ctx.save_for_backward(values, indices, weights, trainable)
+        ctx.sparse = sparse
+        ctx.shape = values.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        values, indices, weights, trainable = ctx.saved_tensors
+        grad_values = grad_weights = None
+        if ctx.needs_input_grad[2]:
+            grad_weights = _weight_grad(grad_out, values, indices).to(weights.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_values = _value_grad(grad_out, indices, weights, trainable, ctx.shape, ctx.sparse).to(values.dtype)
+        return grad_values, None, grad_weights, None, None
+
+
+def value_read_fast(
+    values: Tensor, indices: Tensor, weights: Optional[Tensor], trainable: Optional[Tensor], sparse: bool
+) -> Tensor:
+    """``indices, weights (bags, m)`` -> ``(bags, dim)``; plain ``embedding_bag`` when no gradient is needed."""
+    if not torch.is_grad_enabled() or not (values.requires_grad or (weights is not None and weights.requires_grad)):
+        return F.embedding_bag(indices, values, mode="sum", per_sample_weights=weights)
+    return ValueRead.apply(values, indices, weights, trainable, sparse)
