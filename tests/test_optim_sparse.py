@@ -1,0 +1,119 @@
+"""SparseRowAdam and build_optimizer against torch.optim.Adam and exact invariants."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from product_key_memory import PKM, SparseRowAdam, build_optimizer, fetch_optimizer_parameters
+
+HYPER = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6)
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+
+def _pair(shape=(30, 6), **kw):
+    p_ref = torch.nn.Parameter(torch.randn(shape))
+    p = torch.nn.Parameter(p_ref.detach().clone())
+    ref = torch.optim.Adam([p_ref], foreach=False, **HYPER, **kw)
+    ours = SparseRowAdam([p], chunk_bytes=40, **HYPER, **kw)  # tiny chunks: several blocks per step
+    return p_ref, p, ref, ours
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("as_sparse", [False, True])
+def test_equals_adam_when_every_row_is_touched(weight_decay, as_sparse):
+    p_ref, p, ref, ours = _pair(weight_decay=weight_decay)
+    for _ in range(4):
+        g = torch.randn(p.shape)
+        p_ref.grad = g.clone()
+        p.grad = g.to_sparse(sparse_dim=1) if as_sparse else g.clone()
+        ref.step(), ours.step()
+        assert_close(p, p_ref, atol=0, rtol=0)
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert_close(ours.state[p][key], ref.state[p_ref][key], atol=0, rtol=0, msg=key)
+
+
+def test_rows_touched_every_step_follow_adam_others_never_move():
+    rows = torch.tensor([1, 4, 5, 9])
+    full = torch.nn.Parameter(torch.randn(12, 3))
+    sub = torch.nn.Parameter(full.detach()[rows].clone())
+    start = full.detach().clone()
+    ours, ref = SparseRowAdam([full], **HYPER), torch.optim.Adam([sub], foreach=False, **HYPER)
+    for _ in range(3):
+        g = torch.randn(len(rows), 3)
+        full.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), g, full.shape)
+        sub.grad = g.clone()
+        ours.step(), ref.step()
+    assert_close(full.detach()[rows], sub.detach(), atol=0, rtol=0)
+    untouched = torch.ones(12, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(full.detach()[untouched], start[untouched])
+    assert torch.equal(ours.state[full]["exp_avg"][untouched], torch.zeros(8, 3))
+
+
+def test_uncoalesced_gradient_equals_coalesced():
+    a = torch.nn.Parameter(torch.randn(10, 4))
+    b = torch.nn.Parameter(a.detach().clone())
+    oa, ob = SparseRowAdam([a], **HYPER), SparseRowAdam([b], **HYPER)
+    idx = torch.tensor([[3, 1, 3, 7]])
+    vals = torch.randn(4, 4)
+    a.grad = torch.sparse_coo_tensor(idx, vals, a.shape)  # duplicates, unsorted
+    b.grad = a.grad.coalesce()
+    oa.step(), ob.step()
+    assert_close(a, b, atol=0, rtol=0)
+
+
+def test_invalid_arguments():
+    p = [torch.nn.Parameter(torch.randn(2))]
+    for kw in (dict(lr=-1.0), dict(eps=-1.0), dict(betas=(1.0, 0.9)), dict(weight_decay=-0.1), dict(chunk_bytes=0)):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            SparseRowAdam(p, **kw)
+
+
+def test_build_optimizer_groups_and_sparse_values():
+    first = PKM(16, heads=2, num_keys=8, topk=3, dim_head=4)
+    second = PKM(16, heads=2, num_keys=8, topk=3, dim_head=4, values=first.values)
+    model = torch.nn.Sequential(first, second)
+    opt = build_optimizer(model, lr=1e-3, pkm_learning_rate=1e-2)
+    assert isinstance(opt, SparseRowAdam)
+    assert first.values.sparse and second.values.sparse
+    rest, values = opt.param_groups
+    assert values["lr"] == 1e-2 and rest["lr"] == 1e-3
+    assert [id(p) for p in values["params"]] == [id(first.values.weight)]  # shared table listed once
+    assert len(rest["params"]) + 1 == len(list(model.parameters()))
+
+    table = first.values.weight
+    before = table.detach().clone()
+    x = torch.randn(2, 3, 16)
+    model(x).square().mean().backward()
+    grad = table.grad.coalesce()
+    opt.step()
+    changed = (table.detach() != before).any(-1)
+    read = torch.zeros(64, dtype=torch.bool)
+    read[grad.indices()[0]] = True
+    assert torch.equal(changed, read), "exactly the rows read move"
+
+    dense = build_optimizer(PKM(16, heads=2, num_keys=8, topk=3, dim_head=4), sparse_values=False)
+    assert len(dense.param_groups) == len(fetch_optimizer_parameters(PKM(16, num_keys=8, topk=3, dim_head=4)))
+
+
+def test_pkm_training_step_matches_adam_when_all_rows_read():
+    # 4 slots, read by 16 tokens: every row is in every sparse gradient, so lazy Adam == Adam
+    torch.manual_seed(1)
+    a = PKM(8, heads=1, num_keys=2, topk=2, dim_head=4)
+    b = PKM(8, heads=1, num_keys=2, topk=2, dim_head=4)
+    b.load_state_dict(a.state_dict())
+    opt_a = torch.optim.Adam(fetch_optimizer_parameters(a), foreach=False, **HYPER)
+    opt_b = build_optimizer(b, **HYPER)
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        for m, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+        assert b.values.weight.grad.coalesce().indices().shape[1] == 4
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert_close(pa, pb, msg=name)
