@@ -94,6 +94,8 @@ def sharded_value_read(
     Returns:
         ``(..., dim)``, equal to ``value_read(table, indices, weights)`` on one process.
     """
+    if shard.dim() != 2:
+        raise ValueError(f"shard must be a (num_slots, cols) table, got shape {tuple(shard.shape)}")
     if weights.shape != indices.shape or indices.dim() < 1:
         raise ValueError(
             f"indices and weights must have one shape (..., m), got {tuple(indices.shape)} and {tuple(weights.shape)}"
@@ -153,6 +155,10 @@ class ShardedValues(nn.Module):
     Shape:
         - weight: ``(num_embeddings, cols_r)``, initialised ``N(0, 1 / embedding_dim)`` like the
           full table (each rank draws its own columns from its own generator).
+
+    ``load_state_dict`` takes either this rank's columns or the whole table (a checkpoint
+    saved by one process), of which it keeps this rank's columns; :meth:`full_weight`
+    gathers the whole table.
     """
 
     def __init__(
@@ -170,6 +176,9 @@ class ShardedValues(nn.Module):
         for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, value in (("average_grads", average_grads), ("sparse", sparse)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ShardedValues needs an initialised process group (torch.distributed.init_process_group)")
         world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -183,7 +192,16 @@ class ShardedValues(nn.Module):
         self.average_grads = average_grads
         self.sparse = sparse
         self.weight = nn.Parameter(torch.empty(num_embeddings, sizes[rank], device=device, dtype=dtype))
+        self._register_load_state_dict_pre_hook(self._slice_full_table)
         self.reset_parameters()
+
+    def _slice_full_table(self, state_dict, prefix, *args) -> None:
+        # a whole (num_embeddings, embedding_dim) table, e.g. from one process or a 0.3.0
+        # checkpoint, loads as this rank's columns
+        full = state_dict.get(prefix + "weight")
+        if isinstance(full, Tensor) and tuple(full.shape) == (self.num_embeddings, self.embedding_dim):
+            stop = self.column_start + self.weight.shape[1]
+            state_dict[prefix + "weight"] = full[:, self.column_start : stop]
 
     def reset_parameters(self) -> None:
         """Values ~ ``N(0, 1 / embedding_dim)``: the full table's init, column by column."""

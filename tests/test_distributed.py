@@ -138,6 +138,20 @@ def _scenario_model(rank, world):
     pairs["one shared shard"] = (torch.tensor(model.mem_plus.memory.values is shard), torch.tensor(True))
     pairs["tables found once"] = (torch.tensor(len(sharded_parameters(model))), torch.tensor(1))
     pairs["full_weight"] = (shard.full_weight(), table.detach())
+
+    torch.manual_seed(1 + rank)  # another init: the loads below must overwrite it
+    fresh = shard_values(_Net().to(torch.float64))
+    fresh.load_state_dict(ref.state_dict())  # one process's checkpoint: each rank keeps its columns
+    pairs["load a whole table"] = (fresh(x, mask), ref_out.detach())
+    fresh.mem.values.reset_parameters()
+    fresh.load_state_dict(model.state_dict())  # this rank's own checkpoint
+    pairs["load own columns"] = (fresh(x, mask), ref_out.detach())
+    try:
+        PKM(DIM, heads=2, num_keys=3, topk=3, dim_head=4, values=shard)
+        refused = False
+    except ValueError:
+        refused = True
+    pairs["table of the wrong size is refused"] = (torch.tensor(refused), torch.tensor(True))
     return pairs
 
 
