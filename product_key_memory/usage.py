@@ -20,7 +20,11 @@ MASS_LEVELS = (0.5, 0.9, 0.99)
 
 
 class _LayerUsage:
-    """Per-layer accumulator installed as ``PKM.usage_hook``: slot read counts and weight mass."""
+    """Per-layer accumulator installed as ``PKM.usage_hook``: slot read counts and weight mass.
+
+    One extra bin at the end takes the reads of padded tokens, so masking needs no
+    boolean indexing (a data-dependent shape, hence a host sync) and is dropped on read-out.
+    """
 
     def __init__(self, num_memories: int):
         self.num_memories = num_memories
@@ -30,8 +34,8 @@ class _LayerUsage:
 
     def _allocate(self, device: torch.device) -> None:
         mass_dtype = torch.float32 if device.type == "mps" else torch.float64
-        self.reads = torch.zeros(self.num_memories, dtype=torch.long, device=device)
-        self.mass = torch.zeros(self.num_memories, dtype=mass_dtype, device=device)
+        self.reads = torch.zeros(self.num_memories + 1, dtype=torch.long, device=device)
+        self.mass = torch.zeros(self.num_memories + 1, dtype=mass_dtype, device=device)
         self.tokens = torch.zeros((), dtype=torch.long, device=device)
 
     @torch.no_grad()
@@ -40,20 +44,23 @@ class _LayerUsage:
             self._allocate(indices.device)
         elif self.reads.device != indices.device:  # the model moved
             self.reads, self.mass, self.tokens = (t.to(indices.device) for t in (self.reads, self.mass, self.tokens))
-        slots = indices.reshape(-1)
-        # |w|: the share of the output each read carries, also for relu gates or subtracted scores
-        w = weights.detach().abs().to(self.mass.dtype)
         if mask is None:
-            ones = torch.ones_like(slots)
             self.tokens += indices.shape[0]
         else:
-            keep = mask.view(-1, *([1] * (indices.dim() - 1))).expand_as(indices)
-            ones = keep.reshape(-1).long()
-            w = w * keep
+            indices = torch.where(mask.view(-1, *([1] * (indices.dim() - 1))), indices, self.num_memories)
             self.tokens += mask.sum()
+        slots = indices.reshape(-1)
         # index_add_ keeps everything on the device: no .item(), no data-dependent shapes
-        self.reads.index_add_(0, slots, ones)
-        self.mass.index_add_(0, slots, w.reshape(-1))
+        self.reads.index_add_(0, slots, self.reads.new_ones(()).expand(slots.numel()))
+        # |w|: the share of the output each read carries, also for relu gates or subtracted scores; the
+        # weights are the ones the layer used (after attn_dropout in training). Summed per step in the
+        # weights' dtype (fast), accumulated across steps in float64.
+        w = weights.detach().abs().reshape(-1)
+        self.mass += torch.zeros(self.mass.shape, dtype=w.dtype, device=w.device).index_add_(0, slots, w)
+
+    def counts(self) -> Dict[str, Tensor]:
+        n = self.num_memories
+        return {"reads": self.reads[:n], "mass": self.mass[:n], "tokens": self.tokens}
 
     def reset(self) -> None:
         for t in (self.reads, self.mass, self.tokens):
@@ -132,7 +139,7 @@ class MemoryUsageTracker:
         usage = self._usage[layer]
         if usage.reads is None:
             usage._allocate(self.layers[layer].keys.device)
-        return {"reads": usage.reads, "mass": usage.mass, "tokens": usage.tokens}
+        return usage.counts()
 
     def stats(self, layers: Optional[Iterable[str]] = None) -> Dict[str, Dict[str, float]]:
         """``{layer name: usage_statistics(...)}`` (syncs with the device once per layer)."""
