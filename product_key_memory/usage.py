@@ -1,4 +1,4 @@
-"""Is the memory being used? The memory-usage diagnostics of arXiv 1907.05242 (sec. 4.4).
+"""Is the memory being used? The memory-usage diagnostics of arXiv 1907.05242.
 
 :class:`MemoryUsageTracker` counts, on the device and without a host sync, how often
 each slot of every PKM layer of a model is read and how much softmax weight it
