@@ -29,6 +29,7 @@ XLM_OPTIONS = (
     "score_normalize",
     "freeze_keys",
     "sparse_values",
+    "values",
     "device",
     "dtype",
 )
@@ -95,7 +96,8 @@ def from_xlm(state_dict: Mapping[str, Tensor], *, topk: int, prefix: str = "", *
     ``mem_sparse``                ``sparse_values``
     input/query/value dropout     ``input_dropout``, ``query_dropout``, ``value_dropout``
     keys not learned              ``freeze_keys=True``
-    ``mem_share_values``          build the layers with ``values=`` (not a conversion)
+    ``mem_share_values``          ``values=`` the shared table (an ``nn.EmbeddingBag``
+                                  holding the reference table, made once)
     ===========================  ================================================
 
     Layouts: the reference keys ``(heads, 2, n_keys, k_dim / 2)`` become ``keys``
@@ -109,7 +111,9 @@ def from_xlm(state_dict: Mapping[str, Tensor], *, topk: int, prefix: str = "", *
         topk: the reference code's ``mem_knn``.
         prefix: leading part of the names to use (e.g. ``"memories.0."``); entries
             outside it are ignored, every entry inside it must be understood.
-        options: any of :data:`XLM_OPTIONS`.
+        options: any of :data:`XLM_OPTIONS`. With ``values=`` (a module holding the
+            ``(n_keys ** 2, v_dim)`` table shared by several memories) the state dict
+            must not have its own ``values.weight``.
 
     Raises:
         ValueError: the state dict is not a memory of the reference code this
@@ -126,10 +130,18 @@ def from_xlm(state_dict: Mapping[str, Tensor], *, topk: int, prefix: str = "", *
     if not isinstance(prefix, str):
         raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
     sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    for name in ("keys", "values.weight"):
+    shared = options.get("values")
+    if shared is not None and "values.weight" in sd:
+        raise ValueError(
+            f"state_dict has its own {prefix}values.weight; pass values= only for a memory whose table is shared"
+        )
+    for name in ("keys",) + (() if shared is not None else ("values.weight",)):
         if name not in sd:
             raise ValueError(f"state_dict has no {prefix + name!r}: not a product-key memory of the reference code")
-    keys, table = sd["keys"], sd["values.weight"]
+    keys = sd["keys"]
+    table = sd["values.weight"] if shared is None else getattr(shared, "weight", None)
+    if not isinstance(table, Tensor):
+        raise TypeError(f"values must be a module with a weight tensor, got {type(shared).__name__}")
     if keys.dim() != 4 or keys.shape[1] != 2:
         raise ValueError(f"keys must have shape (heads, 2, n_keys, k_dim / 2), got {tuple(keys.shape)}")
     heads, _, num_keys, dim_head = keys.shape
@@ -197,7 +209,8 @@ def from_xlm(state_dict: Mapping[str, Tensor], *, topk: int, prefix: str = "", *
 
     # reference query channel (head, half, d) for each of ours (half, head, d)
     perm = torch.arange(heads * 2 * dim_head).view(heads, 2, dim_head).transpose(0, 1).reshape(-1)
-    ours: Dict[str, Tensor] = {"keys": keys.transpose(1, 2), "values.weight": table}
+    # a shared table is used as given (load_state_dict copies it onto itself)
+    ours: Dict[str, Tensor] = {"keys": keys.transpose(1, 2), "values.weight": table.detach()}
     hidden_modules = [] if pkm.query_hidden is None else list(pkm.query_hidden.layers)
     hidden_linears = [m for m in hidden_modules if isinstance(m, nn.Linear)]
     hidden_bn_modules = [m for m in hidden_modules if isinstance(m, MaskedBatchNorm)]

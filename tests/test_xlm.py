@@ -172,3 +172,18 @@ def test_from_xlm_result_trains():
     pkm(x).pow(2).mean().backward()
     assert all(p.grad is not None for p in pkm.parameters())
     assert isinstance(pkm, PKM)
+
+
+def test_from_xlm_memories_sharing_one_table():
+    first = make_xlm_state_dict(batchnorm=True)
+    second = make_xlm_state_dict(hidden=(16,), gen=torch.Generator().manual_seed(1))
+    second["values.weight"] = first["values.weight"]
+    table = torch.nn.EmbeddingBag.from_pretrained(first["values.weight"].clone(), freeze=False, mode="sum")
+    without_table = [{k: v for k, v in sd.items() if k != "values.weight"} for sd in (first, second)]
+    pkms = [from_xlm(sd, topk=4, values=table) for sd in without_table]
+    assert pkms[0].values is table and pkms[1].values is table
+    x = torch.randn(6, 24)
+    for pkm, sd in zip(pkms, (first, second)):
+        torch.testing.assert_close(pkm(x), xlm_reference(sd, x, 4), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="own"):
+        from_xlm(first, topk=4, values=table)
