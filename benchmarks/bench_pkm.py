@@ -9,7 +9,8 @@ input (1, 1024, 512)), ``keys1024`` (the same with num_keys=1024: 1M slots), and
 ``fwd+bwd`` (train mode, loss ``out.square().mean()``), ``step`` (zero_grad, forward,
 backward, optimizer step; each library's recommended set-up: 0.3.0 is
 ``torch.optim.Adam(fetch_optimizer_parameters(m))``, ours is ``build_optimizer(m)``),
-and ``memory``: the peak RSS growth of one training step after three warm-up steps,
+and ``memory``: the peak RSS growth of one training step (from three warm-up steps
+and ``zero_grad(set_to_none=True)``, so it includes the step's gradients),
 read from ``/proc/self/status`` (``VmHWM`` reset through ``/proc/self/clear_refs``)
 in a fresh child process per library, both children with the same environment
 (allocator settings). ``fwd+bwd`` of ours uses the recommended sparse value
@@ -150,6 +151,29 @@ def bench_steps(ours, theirs, peer, x, repeats: int, warmup: int):
     return out
 
 
+def profile_steps(ours, theirs, peer, x, top: int = 12) -> dict:
+    """Where a training step's time goes (torch.profiler, self CPU time per op), for each library."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    for lib, model in (("ours", ours), ("peer", theirs)):
+        step, opt = make_step(lib, model, peer)
+        for _ in range(2):
+            step(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                step(x)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        tables[lib] = [dict(op=e.key, self_ms_per_step=e.self_cpu_time_total / 3e3, share=e.self_cpu_time_total / total)
+                       for e in events[:top]]
+        model.zero_grad(set_to_none=True)
+        del step, opt
+        gc.collect()
+    ours.values.sparse = False
+    return tables
+
+
 # -- memory: one child process per library -------------------------------------------------------
 
 
@@ -172,6 +196,7 @@ def memory_child(lib: str, config: str, threads: int) -> dict:
     step, opt = make_step(lib, model, peer)
     for _ in range(3):
         step(x)
+    opt.zero_grad(set_to_none=True)  # the step's own gradients count as its growth
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
@@ -235,6 +260,14 @@ def run(args) -> dict:
                            ratio_of_minimums=r["peer"]["min_ms"] / r["ours"]["min_ms"])
                 results["rows"].append(row)
                 print(format_row(row), flush=True)
+        if args.profile and "step" in cfg["phases"]:
+            torch.set_num_threads(args.threads[-1])
+            tables = profile_steps(ours, theirs, peer, x)
+            results.setdefault("profiles", {})[config] = tables
+            for lib, rows in tables.items():
+                print(f"[{config}] {args.threads[-1]}T training step profile, {lib}:")
+                for r in rows:
+                    print(f"    {r['op']:<56} {r['self_ms_per_step']:9.2f} ms  {100 * r['share']:5.1f}%")
         del ours, theirs
         gc.collect()
     for config in args.memory_configs:
@@ -284,6 +317,7 @@ def main(argv=None):
                         help="configs whose training-step memory is measured (0.3.0 needs ~10 GB at keys1024)")
     parser.add_argument("--phases", nargs="+", default=None, help="only these phases (default: all of each config)")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="also print where a training step's time goes")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_pkm.json")
     parser.add_argument("--_memory-child", nargs=3, metavar=("LIB", "CONFIG", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

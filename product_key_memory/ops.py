@@ -15,6 +15,10 @@ Pure PyTorch (no compiler at install time). What each one saves, measured with
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["half_scores", "search_fast", "ValueRead", "value_read_fast"]
+__all__ = ["half_scores", "search_fast", "ValueRead", "value_read_fast", "empty_hugepage"]
 
 
 def half_scores(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
@@ -55,6 +59,45 @@ def search_fast(queries: Tensor, keys: Tensor, topk: int, pairs: Tensor, dtype: 
     scores, pos = cand.topk(topk, dim=-1)
     slots = cand_slots.gather(-1, pos)
     return scores.transpose(0, 1), slots.transpose(0, 1)  # (N, H, topk)
+
+
+# -- large fresh buffers ----------------------------------------------------------------------
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+@functools.lru_cache(maxsize=None)
+def _madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def empty_hugepage(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.empty`` that asks Linux to back a large CPU buffer with transparent huge pages.
+
+    A value gradient or an optimizer state is tens of MiB to GiB of freshly mapped
+    memory; faulting it in 2 MiB pages instead of 4 KiB ones is several times
+    faster and makes later random row accesses miss the TLB far less (what
+    ``THP_MEM_ALLOC_ENABLE=1`` does for every torch allocation, here only for these
+    buffers). A hint only: elsewhere, or if the kernel declines, this is ``torch.empty``.
+    """
+    t = torch.empty(*shape, dtype=dtype, device=device)
+    nbytes = t.numel() * t.element_size()
+    madvise = _madvise() if t.device.type == "cpu" and nbytes >= 4 * _HUGE_PAGE else None
+    if madvise is not None:
+        start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+        end = (t.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+        madvise(start, end - start, _MADV_HUGEPAGE)  # failure leaves ordinary pages: nothing to handle
+    return t
 
 
 # -- value read -----------------------------------------------------------------------------
@@ -103,28 +146,35 @@ def _sparse_value_grad(
         slots, order = slots[keep], order[keep]
         w = None if w is None else w[keep]
     rows_idx, counts = torch.unique_consecutive(slots, return_counts=True)
-    offsets = counts.cumsum(0) - counts
-    psw = None if w is None else w.to(grad_out.dtype)
     bag_of_read = order.div(m, rounding_mode="floor")
-    rows = F.embedding_bag(bag_of_read, grad_out.contiguous(), offsets, mode="sum", per_sample_weights=psw)
+    g = grad_out.contiguous()
+    psw = torch.ones_like(order, dtype=g.dtype) if w is None else w.to(g.dtype)
+    rows = _rows_from_bags(g, counts, bag_of_read, psw)
     return torch.sparse_coo_tensor(rows_idx.unsqueeze(0), rows, shape, is_coalesced=True, check_invariants=False)
 
 
-def _dense_value_grad(
-    grad_out: Tensor, indices: Tensor, weights: Optional[Tensor], trainable: Optional[Tensor], num_slots: int
-) -> Tensor:
-    """``d out / d values`` as a dense table: ``embedding_bag``'s own dense backward, with masked weights."""
-    bags, m = indices.shape
-    flat = indices.reshape(-1)
-    w = None if weights is None else weights.reshape(-1).to(grad_out.dtype)
-    if trainable is not None:
-        keep = trainable.index_select(0, flat).to(grad_out.dtype)
-        w = keep if w is None else w * keep
-    offset2bag = torch.arange(bags, device=flat.device).repeat_interleave(m)
-    bag_size = torch.full((bags,), m, dtype=torch.long, device=flat.device)
-    return torch.ops.aten._embedding_bag_dense_backward(
-        grad_out.contiguous(), flat, offset2bag, bag_size, bag_size.new_empty(0), num_slots, False, 0, w, -1
-    )
+def _rows_from_bags(g: Tensor, counts: Tensor, bag_of_read: Tensor, psw: Tensor) -> Tensor:
+    """Row ``u`` = sum of ``psw[j] * g[bag_of_read[j]]`` over the ``counts[u]`` reads ``j`` of row ``u``.
+
+    A ``(rows, bags)`` CSR matrix times ``g``, written into a huge-page buffer
+    (``torch.addmm(out=)``); without MKL (whose CSR kernel this relies on) or on
+    other devices, one ``embedding_bag`` with a bag per row.
+    """
+    if g.device.type == "cpu" and torch.backends.mkl.is_available() and g.dtype in (torch.float32, torch.float64):
+        crow = torch.zeros(counts.numel() + 1, dtype=torch.long, device=g.device)
+        torch.cumsum(counts, 0, out=crow[1:])
+        a = torch.sparse_csr_tensor(crow, bag_of_read, psw, (counts.numel(), g.shape[0]), check_invariants=False)
+        out = empty_hugepage(counts.numel(), g.shape[1], dtype=g.dtype, device=g.device)
+        return torch.addmm(out, a, g, beta=0, out=out)
+    offsets = counts.cumsum(0) - counts
+    return F.embedding_bag(bag_of_read, g, offsets, mode="sum", per_sample_weights=psw)
+
+
+def _dense_value_grad(sparse_grad: Tensor) -> Tensor:
+    """The dense table gradient: zeros (in huge pages) with the touched rows copied in."""
+    rows_idx, rows = sparse_grad._indices()[0], sparse_grad._values()
+    dense = empty_hugepage(*sparse_grad.shape, dtype=rows.dtype, device=rows.device).zero_()
+    return dense.index_copy_(0, rows_idx, rows)
 
 
 class ValueRead(torch.autograd.Function):
@@ -154,10 +204,9 @@ class ValueRead(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_weights = _weight_grad(grad_out.to(values.dtype), values, m, slots, order).view_as(weights)
         if ctx.needs_input_grad[0]:
-            if ctx.sparse:
-                grad_values = _sparse_value_grad(grad_out, m, slots, order, weights, trainable, ctx.shape)
-            else:
-                grad_values = _dense_value_grad(grad_out, indices, weights, trainable, ctx.shape[0])
+            grad_values = _sparse_value_grad(grad_out, m, slots, order, weights, trainable, ctx.shape)
+            if not ctx.sparse:
+                grad_values = _dense_value_grad(grad_values)
         return grad_values, None, grad_weights, None, None
 
 

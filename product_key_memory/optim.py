@@ -8,6 +8,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .ops import empty_hugepage
+
 __all__ = ["fetch_pkm_value_parameters", "fetch_optimizer_parameters", "SparseRowAdam", "build_optimizer"]
 
 
@@ -104,8 +106,8 @@ class SparseRowAdam(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg"] = _zeros_state(p)
+                    state["exp_avg_sq"] = _zeros_state(p)
                 state["step"] += 1
                 if p.grad.is_sparse:
                     self._sparse_step(p, p.grad, state, group)
@@ -157,6 +159,13 @@ class SparseRowAdam(torch.optim.Optimizer):
             denom = v_r.sqrt_().div_(bc2_sqrt).add_(group["eps"])
             # p + (-step_size * m) / denom: the order of operations of Adam's addcdiv_
             p.index_add_(0, r, m_r.mul_(-step_size).div_(denom))
+
+
+def _zeros_state(p: Tensor) -> Tensor:
+    if p.device.type == "cpu" and p.is_contiguous():
+        # a table-sized state: huge pages make the row gathers of lazy steps miss the TLB far less
+        return empty_hugepage(*p.shape, dtype=p.dtype, device=p.device).zero_()
+    return torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def build_optimizer(
