@@ -41,7 +41,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
     pkm = PKM(512, heads=4, num_keys=256, topk=32, dim_head=128, device=device)
@@ -56,7 +59,8 @@ def main():
         pkm(x, input_mask=mask).sum().backward()
 
     tracker = MemoryUsageTracker(pkm)
-    print(f"PKM dim 512, 4 heads, 256 ** 2 slots, topk 32, {args.tokens} tokens, {device}")
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"PKM dim 512, 4 heads, 256 ** 2 slots, topk 32, {args.tokens} tokens, {device}{threads}")
     print(f"{'pass':<20}{'plain ms':>12}{'tracked ms':>12}{'ratio':>8}")
     for name, fn in (("forward", forward), ("forward + backward", train_step)):
         plain, tracked = interleaved_medians(fn, tracker, device)

@@ -31,6 +31,7 @@ class _LayerUsage:
         self.reads: Optional[Tensor] = None
         self.mass: Optional[Tensor] = None
         self.tokens: Optional[Tensor] = None
+        self._step: Optional[Tensor] = None  # scratch for one call's mass, kept to avoid a fresh allocation
 
     def _allocate(self, device: torch.device) -> None:
         mass_dtype = torch.float32 if device.type == "mps" else torch.float64
@@ -56,7 +57,9 @@ class _LayerUsage:
         # weights are the ones the layer used (after attn_dropout in training). Summed per step in the
         # weights' dtype (fast), accumulated across steps in float64.
         w = weights.detach().abs().reshape(-1)
-        self.mass += torch.zeros(self.mass.shape, dtype=w.dtype, device=w.device).index_add_(0, slots, w)
+        if self._step is None or self._step.dtype != w.dtype or self._step.device != w.device:
+            self._step = torch.zeros(self.mass.shape, dtype=w.dtype, device=w.device)
+        self.mass += self._step.zero_().index_add_(0, slots, w)
 
     def counts(self) -> Dict[str, Tensor]:
         n = self.num_memories
