@@ -57,6 +57,7 @@ def main():
         print(f"{'tokens/rank':>11} | {'whole ms':>9} | {'sharded ms':>10} | {'ratio':>5}")
         for n, a, b, r in rows:
             print(f"{n:>11} | {a:>9.2f} | {b:>10.2f} | {r:>5.2f}")
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -89,6 +89,7 @@ def main():
         f"({pool.num_embeddings}, {pool.embedding_dim}) table, {mib:.2f} MiB of values",
         flush=True,
     )
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -244,6 +244,7 @@ def _worker(rank, world, port, out_dir):
     try:
         results = {name: scenario(rank, world) for name, scenario in SCENARIOS.items()}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
