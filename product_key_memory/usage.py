@@ -251,6 +251,10 @@ def save_usage_plot(
         stats = usage_statistics(**counts)
         series = [("reads", counts["reads"])] + ([("weight", counts["mass"])] if weighted else [])
         left, right = axes[row]
+        if stats["reads"] == 0:
+            for ax in (left, right):
+                ax.text(0.5, 0.5, f"{name}: nothing counted", ha="center", va="center", transform=ax.transAxes)
+            continue
         for label, t in series:
             x = t.detach().to("cpu", torch.float64)
             share = (x / x.sum().clamp(min=1e-300)).sort(descending=True).values
