@@ -44,8 +44,10 @@ def make_xlm_state_dict(
     return sd
 
 
-def xlm_reference(sd, x, knn, temperature=1.0, score_softmax=True, subtract=None, normalize=False, eps=1e-5):
-    """Eval forward of the reference memory for x ``(N, input_dim)``, from its description."""
+def xlm_reference(
+    sd, x, knn, temperature=1.0, score_softmax=True, subtract=None, normalize=False, eps=1e-5, training=False
+):
+    """Forward of the reference memory for x ``(N, input_dim)``, from its description (no dropout)."""
     mlp = {}
     for name, t in sd.items():
         if name.startswith("query_proj.query_mlps."):
@@ -57,7 +59,11 @@ def xlm_reference(sd, x, knn, temperature=1.0, score_softmax=True, subtract=None
         if layer is None:
             h = torch.relu(h)  # the parameter-free module between layers
         elif "running_mean" in layer:
-            h = (h - layer["running_mean"]) / torch.sqrt(layer["running_var"] + eps) * layer["weight"] + layer["bias"]
+            if training:  # batch statistics over all tokens
+                mean, var = h.mean(0), h.var(0, unbiased=False)
+            else:
+                mean, var = layer["running_mean"], layer["running_var"]
+            h = (h - mean) / torch.sqrt(var + eps) * layer["weight"] + layer["bias"]
         else:
             h = h @ layer["weight"].t() + layer.get("bias", 0.0)
     keys = sd["keys"]  # (heads, 2, n_keys, k_dim / 2)
@@ -164,6 +170,13 @@ def test_from_xlm_rejects_what_it_cannot_convert():
         from_xlm(bad, topk=4)
     with pytest.raises(ValueError, match="topk"):
         from_xlm(sd, topk=11)
+
+
+def test_from_xlm_training_forward_uses_batch_statistics_like_the_reference():
+    sd = make_xlm_state_dict(batchnorm=True, hidden=(32,))
+    pkm = from_xlm(sd, topk=4).train()
+    x = torch.randn(40, 24)
+    torch.testing.assert_close(pkm(x), xlm_reference(sd, x, 4, training=True), atol=1e-5, rtol=1e-5)
 
 
 def test_from_xlm_result_trains():
