@@ -54,7 +54,7 @@ class _AllToAll(torch.autograd.Function):
 
 
 class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; the gradient is multiplied by ``scale`` (dense or sparse)."""
+    """Identity forward; the gradient is multiplied by ``scale``."""
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: float) -> Tensor:
@@ -118,8 +118,13 @@ def sharded_value_read(
     w_all = _AllToAll.apply(weights.reshape(-1).to(shard.dtype).repeat(world), recv, send, group).view(-1, m)
 
     # 2. this rank's columns of the rows they read, for all tokens
-    table = _ScaleGrad.apply(shard, 1.0 / world) if average_grads and world > 1 else shard
-    part = PF.value_read(table, idx_all, w_all, trainable=trainable, sparse=sparse)  # (sum(counts), cols_me)
+    if average_grads and world > 1:
+        # the table's gradient / world: scale the small output gradient and undo it for the
+        # weights, rather than scaling (and copying) a table-sized gradient
+        w_all = _ScaleGrad.apply(w_all, float(world))
+        part = _ScaleGrad.apply(PF.value_read(shard, idx_all, w_all, trainable=trainable, sparse=sparse), 1.0 / world)
+    else:
+        part = PF.value_read(shard, idx_all, w_all, trainable=trainable, sparse=sparse)  # (sum(counts), cols_me)
 
     # 3. each token's slices go home and sit side by side
     mine = dist.get_rank(group)
