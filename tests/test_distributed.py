@@ -20,6 +20,7 @@ from product_key_memory import (
     MemoryPlus,
     ShardedValues,
     ValuePool,
+    build_optimizer,
     fetch_optimizer_parameters,
     shard_values,
     sharded_parameters,
@@ -155,9 +156,13 @@ def _scenario_model(rank, world):
     return pairs
 
 
-def _train_step(model, data, world, clip):
-    """One clipped AdamW step, the value group at its own rate without weight decay; returns the gradients."""
-    opt = torch.optim.AdamW(fetch_optimizer_parameters(model, 1e-2, pkm_weight_decay=0.0), lr=1e-3, weight_decay=0.1)
+def _adamw(model):
+    return torch.optim.AdamW(fetch_optimizer_parameters(model, 1e-2, pkm_weight_decay=0.0), lr=1e-3, weight_decay=0.1)
+
+
+def _train_step(model, data, world, clip, make_optimizer=_adamw):
+    """One clipped step (AdamW, the value group at its own rate without weight decay); returns the gradients."""
+    opt = make_optimizer(model)
     if isinstance(data, tuple):  # this rank's tokens
         loss = _loss(model(*data), data[1])
     else:  # one process sees every rank's batch; DDP and FSDP average the ranks' losses
@@ -166,6 +171,7 @@ def _train_step(model, data, world, clip):
     norm = clip(model)
     grads = {n: _full(p.grad).clone() for n, p in model.named_parameters()}
     grads["total norm"] = norm
+    grads = {n: g.to_dense() if g.is_sparse else g for n, g in grads.items()}
     opt.step()
     return grads
 
@@ -175,6 +181,14 @@ MAX_NORM = 0.05  # below the gradient norm of the test model, so clipping change
 
 def _clip_one_process(model):
     return nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+
+
+def _clip_one_process_sparse(model):
+    # torch.nn.utils.clip_grad_norm_ cannot take a norm of sparse gradients
+    params = [p for p in model.parameters() if p.grad is not None]
+    total = torch.stack([_dense(p.grad).pow(2).sum() for p in params]).sum().sqrt()
+    nn.utils.clip_grads_with_norm_(params, MAX_NORM, total)
+    return total
 
 
 def _clip_sharded(model):
@@ -191,7 +205,7 @@ def _compare_step(model, ref, grads, ref_grads):
     cols = slice(shard.column_start, shard.column_start + shard.weight.shape[1])
     pairs = {
         "table": (shard.weight.detach(), ref.mem.values.weight.detach()[:, cols]),
-        "grad table": (shard.weight.grad, ref.mem.values.weight.grad[:, cols]),
+        "grad table": (_dense(shard.weight.grad), _dense(ref.mem.values.weight.grad)[:, cols]),
     }
     pairs["total norm"] = (grads["total norm"], ref_grads["total norm"])
     pairs["clipping happened"] = (torch.tensor(bool(ref_grads["total norm"] > MAX_NORM)), torch.tensor(True))
@@ -214,6 +228,22 @@ def _scenario_ddp(rank, world):
     return _compare_step(model, ref, grads, _train_step(ref, data, world, _clip_one_process))
 
 
+def _dense(t):
+    return t.to_dense() if t.is_sparse else t
+
+
+def _scenario_ddp_sparse(rank, world):
+    """The same with build_optimizer: sparse value gradients and SparseRowAdam."""
+    ref, data = _model_and_data(rank, world, torch.float64)
+    model = shard_values(copy.deepcopy(ref))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    grads = _train_step(ddp, data[rank], world, lambda ddp: _clip_sharded(ddp.module), lambda m: build_optimizer(m))
+    grads = {n.removeprefix("module."): g for n, g in grads.items()}
+    pairs = _compare_step(model, ref, grads, _train_step(ref, data, world, _clip_one_process_sparse, build_optimizer))
+    pairs["sparse table gradient"] = (torch.tensor(model.mem.values.weight.grad.is_sparse), torch.tensor(True))
+    return pairs
+
+
 def _scenario_fsdp2(rank, world):
     """The same step with the dense parameters under fully_shard (FSDP2) and the table ignored by it."""
     from torch.distributed.fsdp import fully_shard
@@ -232,6 +262,7 @@ SCENARIOS = {
     "gradcheck": _scenario_gradcheck,
     "model": _scenario_model,
     "ddp": _scenario_ddp,
+    "ddp_sparse": _scenario_ddp_sparse,
     "fsdp2": _scenario_fsdp2,
 }
 
@@ -285,6 +316,11 @@ def test_sharded_model_forward_and_every_gradient(results, rank):
 @pytest.mark.parametrize("rank", range(WORLD))
 def test_ddp_step_matches_one_process(results, rank):
     _compare(results[rank]["ddp"], rank)
+
+
+@pytest.mark.parametrize("rank", range(WORLD))
+def test_ddp_sparse_step_matches_one_process(results, rank):
+    _compare(results[rank]["ddp_sparse"], rank)
 
 
 @pytest.mark.parametrize("rank", range(WORLD))
