@@ -156,6 +156,35 @@ def _scenario_model(rank, world):
     return pairs
 
 
+def _scenario_value_layouts(rank, world):
+    """Per-head values (concat_values_and_combine) and narrow values (value_dim) read sharded."""
+    torch.manual_seed(0)
+    ref = nn.ModuleList([
+        PKM(DIM, heads=2, num_keys=4, topk=3, dim_head=5, concat_values_and_combine=True),
+        PKM(DIM, heads=2, num_keys=4, topk=3, dim_head=4, value_dim=5),
+    ]).to(torch.float64)
+    model = shard_values(copy.deepcopy(ref))
+    data = [_tokens(r, torch.Generator().manual_seed(2 + r), torch.float64) for r in range(world)]
+    x, mask = data[rank]
+    pairs = {}
+    for i, (layer, ref_layer) in enumerate(zip(model, ref)):
+        out = layer(x, mask)
+        out.square().sum().backward()
+        ref_out = ref_layer(x, mask)
+        ref_out.square().sum().backward()  # this rank's loss for the dense gradients
+        dense = {n: p.grad.clone() for n, p in ref_layer.named_parameters()}
+        ref_layer.zero_grad()
+        sum(ref_layer(*d).square().sum() for d in data).div(world).backward()  # the table: mean over ranks
+        shard = layer.values
+        cols = slice(shard.column_start, shard.column_start + shard.weight.shape[1])
+        pairs[f"{i} out"] = (out, ref_out.detach())
+        pairs[f"{i} grad table"] = (shard.weight.grad, ref_layer.values.weight.grad[:, cols])
+        for name, p in layer.named_parameters():
+            if p is not shard.weight:
+                pairs[f"{i} grad {name}"] = (p.grad, dense[name])
+    return pairs
+
+
 def _adamw(model):
     return torch.optim.AdamW(fetch_optimizer_parameters(model, 1e-2, pkm_weight_decay=0.0), lr=1e-3, weight_decay=0.1)
 
@@ -261,6 +290,7 @@ SCENARIOS = {
     "read": _scenario_read,
     "gradcheck": _scenario_gradcheck,
     "model": _scenario_model,
+    "value_layouts": _scenario_value_layouts,
     "ddp": _scenario_ddp,
     "ddp_sparse": _scenario_ddp_sparse,
     "fsdp2": _scenario_fsdp2,
@@ -311,6 +341,11 @@ def test_sharded_read_gradcheck(results, rank):
 @pytest.mark.parametrize("rank", range(WORLD))
 def test_sharded_model_forward_and_every_gradient(results, rank):
     _compare(results[rank]["model"], rank)
+
+
+@pytest.mark.parametrize("rank", range(WORLD))
+def test_sharded_per_head_and_narrow_values(results, rank):
+    _compare(results[rank]["value_layouts"], rank)
 
 
 @pytest.mark.parametrize("rank", range(WORLD))
