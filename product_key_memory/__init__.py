@@ -7,6 +7,7 @@ from .norms import MaskedBatchNorm, QueryLayerNorm
 from .optim import SparseRowAdam, build_optimizer, fetch_optimizer_parameters, fetch_pkm_value_parameters
 from .pkm import PKM, ProductKeyMemory
 from .pool import ValuePool
+from .transformer import TransformerLM, lm_loss
 from .usage import MemoryUsageTracker, save_usage_plot, usage_statistics
 from .xlm import from_xlm
 
@@ -22,6 +23,8 @@ __all__ = [
     "sharded_parameters",
     "MaskedBatchNorm",
     "QueryLayerNorm",
+    "TransformerLM",
+    "lm_loss",
     "fetch_pkm_value_parameters",
     "fetch_optimizer_parameters",
     "distributed",
