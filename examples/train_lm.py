@@ -122,25 +122,31 @@ def build_models(args):
 
 
 def usage_tracker(model):
-    """The library's PKM memory-usage tracker if this version has one, else ``None``."""
+    """The library's memory-usage tracker over the model's PKM layers, or ``None`` (no PKM, or a version without it)."""
     try:
-        from product_key_memory import stats  # lands with the memory-usage statistics
+        from product_key_memory import MemoryUsageTracker
     except ImportError:
         return None
-    tracker_cls = getattr(stats, "MemoryUsageTracker", None)
-    return None if tracker_cls is None else tracker_cls(model)
+    return MemoryUsageTracker(model) if any(isinstance(m, PKM) for m in model.modules()) else None
 
 
 # -------------------------------------------------------------------------------- training
 
 
 @torch.no_grad()
-def evaluate(model, batches) -> float:
-    """Mean validation loss in bits per byte."""
+def evaluate(model, batches, tracker=None):
+    """Mean validation loss in bits per byte, and the PKM layers' usage statistics on these batches."""
     model.eval()
+    if tracker is not None:
+        tracker.reset()
+        tracker.attach()
     loss = sum(model.loss(b).item() for b in batches) / len(batches)
+    usage = None
+    if tracker is not None:
+        tracker.detach()
+        usage = tracker.stats()
     model.train()
-    return loss / math.log(2)
+    return loss / math.log(2), usage
 
 
 def lr_at(step: int, args) -> float:
@@ -158,7 +164,9 @@ def train(name, model, train_data, val_batches, args):
     base_lrs = [g["lr"] for g in opt.param_groups]
     batches = random_batches(train_data, args.batch_size, args.seq_len, args.seed)  # same batches for every model
     tokens_per_step = args.batch_size * args.seq_len
-    curve = [(0, evaluate(model, val_batches))]
+    tracker = usage_tracker(model)
+    bpb, usage = evaluate(model, val_batches, tracker)
+    curve, usages = [(0, bpb)], [(0, usage)]
     train_time, loss_ema = 0.0, None
     bar = tqdm(range(1, args.steps + 1), desc=f"{name:>5}", unit="step", dynamic_ncols=True)
     for step in bar:
@@ -174,23 +182,35 @@ def train(name, model, train_data, val_batches, args):
         train_time += time.perf_counter() - t0
         loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
         if step % args.eval_every == 0 or step == args.steps:
-            curve.append((step, evaluate(model, val_batches)))
-        bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{step * tokens_per_step / train_time:,.0f}",
-                        val_bpb=f"{curve[-1][1]:.3f}")
+            bpb, usage = evaluate(model, val_batches, tracker)
+            curve.append((step, bpb))
+            usages.append((step, usage))
+        postfix = dict(loss=f"{loss_ema:.3f}", tok_s=f"{step * tokens_per_step / train_time:,.0f}",
+                       val_bpb=f"{curve[-1][1]:.3f}")
+        if usages[-1][1]:  # share of memory slots read on the validation batches, averaged over PKM layers
+            used = [u["used_fraction"] for u in usages[-1][1].values()]
+            postfix["mem_used"] = f"{sum(used) / len(used):.0%}"
+        bar.set_postfix(postfix)
     bar.close()
-    return dict(curve=curve, tokens_per_s=args.steps * tokens_per_step / train_time, train_seconds=train_time)
+    return dict(curve=curve, usage=usages if tracker is not None else None, tracker=tracker,
+                tokens_per_s=args.steps * tokens_per_step / train_time, train_seconds=train_time)
 
 
-def memory_usage(model, val_batches):
-    tracker = usage_tracker(model)
-    if tracker is None:
-        return None
-    model.eval()
-    with torch.no_grad(), tracker:
-        for b in val_batches:
-            model(b[:, :-1])
-    model.train()
-    return tracker.stats()
+def print_usage(name, r, out_dir: Path):
+    if r["tracker"] is None:
+        if any(isinstance(m, PKM) for m in r["model"].modules()):
+            print("memory-usage statistics: this version of product_key_memory has no MemoryUsageTracker (skipped)")
+        return
+    print(f"memory usage of the {name} model's PKM layers on the validation batches (arXiv 1907.05242, sec. 4.5):")
+    keys = ("used_fraction", "kl_uniform", "kl_uniform_weighted", "gini", "slots_50", "slots_90", "slots_99")
+    for layer, s in r["usage"][-1][1].items():
+        print(f"  {layer}: {s['slots']:,} slots, " + ", ".join(f"{k} {s[k]:.3g}" for k in keys if k in s))
+    try:
+        from product_key_memory import save_usage_plot
+    except ImportError:
+        return
+    save_usage_plot(r["tracker"], out_dir / f"memory_usage_{name}.png", title=f"{name}: slot usage on validation")
+    print(f"  saved {out_dir / f'memory_usage_{name}.png'}")
 
 
 @torch.no_grad()
@@ -276,25 +296,18 @@ def main(argv=None):
     results = {}
     for name, model in models.items():
         r = train(name, model, train_data, val_batches, args)
-        r["params"] = sum(p.numel() for p in model.parameters())
-        r["macs_per_token"] = macs[name]
-        r["final_bpb"] = r["curve"][-1][1]
+        r.update(model=model, params=sum(p.numel() for p in model.parameters()), macs_per_token=macs[name],
+                 final_bpb=r["curve"][-1][1])
         results[name] = r
-        usage = memory_usage(model, val_batches) if name == "pkm" else None
-        if name == "pkm" and usage is None:
-            print("memory-usage statistics: not available in this version of product_key_memory (skipped)")
-        elif usage is not None:
-            r["memory_usage"] = usage
-            print("memory usage of the PKM layers on the validation batches:")
-            for layer, s in usage.items():
-                print(f"  {layer}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
+        print_usage(name, r, args.out)
 
     print(f"\nsample from the pkm model (prompt|>continuation):\n{sample_text(models['pkm'], val_data, args)}\n")
 
     png = args.out / "val_curves.png"
     plot(results, png, args.batch_size * args.seq_len)
+    saved = {name: {k: v for k, v in r.items() if k not in ("model", "tracker")} for name, r in results.items()}
     (args.out / "results.json").write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()},
-                                                           data=info, results=results), indent=1))
+                                                           data=info, results=saved), indent=1))
     print(f"| model | val bits/byte | parameters | MACs/token | train tokens/s |")
     print(f"|---|---|---|---|---|")
     for name, r in results.items():

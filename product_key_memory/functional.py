@@ -68,7 +68,14 @@ def reference_path(enabled: bool = True) -> Iterator[None]:
 
 
 def fast_path_enabled() -> bool:
-    """``False`` inside :func:`reference_path`."""
+    """``False`` inside :func:`reference_path`, and while ``torch.compile`` or ``torch.export`` traces.
+
+    Traced code takes the reference paths: plain ops that compilers fuse and exporters
+    translate (the fast backward's sorting and sparse tensors are neither), and no
+    ContextVar read, which would break the graph. Their value gradient is dense.
+    """
+    if torch.compiler.is_compiling():
+        return False
     return not _FORCE_REFERENCE.get()
 
 

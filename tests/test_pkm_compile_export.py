@@ -39,9 +39,8 @@ def grads(module):
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_compile_one_graph_no_recompile_across_shapes(variant):
-    pkm = make_pkm(variant).eval()
+def test_compile_one_graph_no_recompile_across_shapes():
+    pkm = make_pkm().eval()
     compiled = torch.compile(pkm, backend="aot_eager", fullgraph=True, dynamic=True)  # fullgraph: a break raises
     with torch._dynamo.config.patch(error_on_recompile=True):
         for shape in [(2, 5), (3, 7), (6, 4)]:
@@ -67,16 +66,6 @@ def test_compiled_training_step_matches_eager_with_mask():
             assert got.keys() == expected.keys()
             for name in expected:
                 assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
-
-
-def test_transformer_lm_compiles_to_one_graph():
-    model = make_lm().eval()
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for shape in [(2, 9), (4, 16)]:
-            tokens = torch.randint(0, 64, shape)
-            assert_close(compiled(tokens), model(tokens), atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
