@@ -277,3 +277,22 @@ def test_module_fallbacks_still_run():
         assert_close(out, pkm(x))
     pkm = PKM(16, heads=2, num_keys=8, topk=3, dim_head=4)
     pkm(x, gumbel_noise_scale=1.0).sum().backward()  # gumbel noise: sub-scores, then product_topk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradient_rows_csr_and_embedding_bag_routes_agree(dtype):
+    g = torch.randn(6, 5, dtype=dtype)
+    counts = torch.tensor([2, 1, 3])
+    bag_of_read = torch.tensor([0, 4, 5, 1, 1, 3])
+    psw = torch.randn(6, dtype=dtype)
+    want = torch.stack([psw[0] * g[0] + psw[1] * g[4], psw[2] * g[5], psw[3] * g[1] + psw[4] * g[1] + psw[5] * g[3]])
+    assert_close(ops._rows_from_bags(g, counts, bag_of_read, psw, use_csr=False), want, **TOL[dtype])
+    if torch.backends.mkl.is_available():
+        assert_close(ops._rows_from_bags(g, counts, bag_of_read, psw, use_csr=True), want, **TOL[dtype])
+
+
+def test_empty_hugepage_is_an_ordinary_tensor():
+    t = ops.empty_hugepage(4096, 1024, dtype=torch.float32, device=torch.device("cpu"))
+    assert t.shape == (4096, 1024) and t.dtype == torch.float32 and t.is_contiguous()
+    t.fill_(2.0)
+    assert float(t.sum()) == 2.0 * t.numel()
