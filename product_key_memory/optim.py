@@ -106,7 +106,8 @@ class SparseRowAdam(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
-                    state["exp_avg"], state["exp_avg_sq"] = _zeros_moments(p)
+                    state["exp_avg"] = _zeros_state(p)
+                    state["exp_avg_sq"] = _zeros_state(p)
                 state["step"] += 1
                 if p.grad.is_sparse:
                     self._sparse_step(p, p.grad, state, group)
@@ -145,55 +146,26 @@ class SparseRowAdam(torch.optim.Optimizer):
         if rows.numel() == 0:
             return
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        joint = _joint_moments(exp_avg, exp_avg_sq)
         row_bytes = max(1, values[0].numel() * values.element_size())
         chunk = max(1, self.chunk_bytes // row_bytes)
         for start in range(0, rows.numel(), chunk):
             r, g = rows[start : start + chunk], values[start : start + chunk]
             if group["weight_decay"] != 0:
                 g = g.add(p.index_select(0, r), alpha=group["weight_decay"])
-            if joint is not None:  # both moments of a row side by side: one gather, one scatter
-                mv = joint.index_select(0, r)  # (c, 2, ...)
-                m_r, v_r = mv[:, 0], mv[:, 1]
-                m_r.lerp_(g, 1 - beta1)
-                v_r.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                joint.index_copy_(0, r, mv)
-            else:
-                m_r = exp_avg.index_select(0, r).lerp_(g, 1 - beta1)
-                v_r = exp_avg_sq.index_select(0, r).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                exp_avg.index_copy_(0, r, m_r)
-                exp_avg_sq.index_copy_(0, r, v_r)
+            m_r = exp_avg.index_select(0, r).lerp_(g, 1 - beta1)
+            v_r = exp_avg_sq.index_select(0, r).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            exp_avg.index_copy_(0, r, m_r)
+            exp_avg_sq.index_copy_(0, r, v_r)
             denom = v_r.sqrt_().div_(bc2_sqrt).add_(group["eps"])
             # p + (-step_size * m) / denom: the order of operations of Adam's addcdiv_
             p.index_add_(0, r, m_r.mul_(-step_size).div_(denom))
 
 
-def _zeros_moments(p: Tensor) -> Tuple[Tensor, Tensor]:
-    """``exp_avg, exp_avg_sq``: for a CPU table, two views of one zeroed ``(rows, 2, ...)`` buffer."""
-    if p.device.type == "cpu" and p.is_contiguous() and p.dim() >= 1 and p.numel() > 0:
-        # huge pages make the row gathers of lazy steps miss the TLB far less
-        joint = empty_hugepage(p.shape[0], 2, *p.shape[1:], dtype=p.dtype, device=p.device).zero_()
-        return joint[:, 0], joint[:, 1]
-    return torch.zeros_like(p, memory_format=torch.preserve_format), torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def _joint_moments(exp_avg: Tensor, exp_avg_sq: Tensor) -> Optional[Tensor]:
-    """The ``(rows, 2, ...)`` buffer holding both moments side by side, or ``None`` if they live apart.
-
-    Checked from storage and strides, so it also holds after a state dict round trip;
-    a state loaded from ``torch.optim.Adam`` (two separate tensors) takes the two-gather route.
-    """
-    if exp_avg.dim() == 0 or exp_avg.shape != exp_avg_sq.shape or exp_avg.device.type != "cpu":
-        return None
-    inner = math.prod(exp_avg.shape[1:])
-    rest_strides = torch.empty(exp_avg.shape[1:], device="meta").stride() if exp_avg.dim() > 1 else ()
-    stride = (2 * inner, *rest_strides)
-    same = exp_avg.untyped_storage().data_ptr() == exp_avg_sq.untyped_storage().data_ptr()
-    if not (same and exp_avg.stride() == stride and exp_avg_sq.stride() == stride):
-        return None
-    if exp_avg_sq.storage_offset() != exp_avg.storage_offset() + inner:
-        return None
-    return exp_avg.as_strided((exp_avg.shape[0], 2, *exp_avg.shape[1:]), (2 * inner, inner, *rest_strides))
+def _zeros_state(p: Tensor) -> Tensor:
+    if p.device.type == "cpu" and p.is_contiguous():
+        # a table-sized state: huge pages make the row gathers of lazy steps miss the TLB far less
+        return empty_hugepage(*p.shape, dtype=p.dtype, device=p.device).zero_()
+    return torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def build_optimizer(
