@@ -78,7 +78,7 @@ class SparseRowAdam(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
-        chunk_bytes: int = 1 << 20,
+        chunk_bytes: int = 4 << 20,
     ):
         if not 0.0 <= lr:
             raise ValueError(f"lr must be >= 0, got {lr!r}")
@@ -150,15 +150,16 @@ class SparseRowAdam(torch.optim.Optimizer):
         chunk = max(1, self.chunk_bytes // row_bytes)
         for start in range(0, rows.numel(), chunk):
             r, g = rows[start : start + chunk], values[start : start + chunk]
+            p_r = p.index_select(0, r)
             if group["weight_decay"] != 0:
-                g = g.add(p.index_select(0, r), alpha=group["weight_decay"])
+                g = g.add(p_r, alpha=group["weight_decay"])
             m_r = exp_avg.index_select(0, r).lerp_(g, 1 - beta1)
             v_r = exp_avg_sq.index_select(0, r).mul_(beta2).addcmul_(g, g, value=1 - beta2)
             exp_avg.index_copy_(0, r, m_r)
             exp_avg_sq.index_copy_(0, r, v_r)
             denom = v_r.sqrt_().div_(bc2_sqrt).add_(group["eps"])
-            # p + (-step_size * m) / denom: the order of operations of Adam's addcdiv_
-            p.index_add_(0, r, m_r.mul_(-step_size).div_(denom))
+            # gather, update, copy back: index_add_ is a slow scatter on CPU with several threads
+            p.index_copy_(0, r, p_r.addcdiv_(m_r, denom, value=-step_size))
 
 
 def _zeros_state(p: Tensor) -> Tensor:
