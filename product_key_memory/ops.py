@@ -1,16 +1,18 @@
 """Fast paths of the functional core, each checked against a reference in ``functional``.
 
-Pure PyTorch (no compiler at install time). What each one saves, measured with
+PyTorch ops only (no compiler at install time; on Linux one ``madvise`` hint through
+ctypes, a no-op elsewhere). What each one saves, measured with
 ``benchmarks/bench_pkm.py``:
 
 * :func:`search_fast`: sub-key scores by one batched GEMM per query half straight
   from the stored ``(heads, num_keys, 2, dim_key)`` keys (no re-layout copy, which
   dominates a decoding step), top-k of each half, and only the
   ``(a + 1) * (b + 1) <= topk`` candidate pairs instead of the ``topk ** 2`` grid.
-* :class:`ValueRead`: forward is one ``embedding_bag``; the backward builds the
-  value gradient from the slots actually read (sorted once, then one
-  ``embedding_bag`` over the small output gradient), optionally as a sparse tensor
-  of only those rows, so a training step does not zero or scan the whole table.
+* :class:`ValueRead`: forward is one ``embedding_bag``. The backward sorts the reads
+  by slot once: the weight gradient then walks the table front to back (each row
+  fetched once), and the value gradient is built from the touched rows only,
+  optionally as a sparse tensor of just those rows, so a training step does not
+  zero or scan the whole table. Its buffer is hinted to huge pages (Linux).
 """
 
 from __future__ import annotations
