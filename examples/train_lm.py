@@ -205,7 +205,8 @@ def print_usage(name, r, out_dir: Path):
     print(f"memory usage of the {name} model's PKM layers on the validation batches (arXiv 1907.05242, sec. 4.5):")
     keys = ("used_fraction", "kl_uniform", "kl_uniform_weighted", "gini", "slots_50", "slots_90", "slots_99")
     for layer, s in r["usage"][-1][1].items():
-        print(f"  {layer}: {s['slots']:,} slots, " + ", ".join(f"{k} {s[k]:.3g}" for k in keys if k in s))
+        print(f"  {layer}: {s['slots']:,} slots, " + ", ".join(
+            f"{k} {s[k]:,}" if isinstance(s[k], int) else f"{k} {s[k]:.3g}" for k in keys if k in s))
     try:
         from product_key_memory import save_usage_plot
     except ImportError:
