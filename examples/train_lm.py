@@ -202,7 +202,7 @@ def print_usage(name, r, out_dir: Path):
         if any(isinstance(m, PKM) for m in r["model"].modules()):
             print("memory-usage statistics: this version of product_key_memory has no MemoryUsageTracker (skipped)")
         return
-    print(f"memory usage of the {name} model's PKM layers on the validation batches (arXiv 1907.05242, sec. 4.5):")
+    print(f"memory usage of the {name} model's PKM layers on the validation batches:")
     keys = ("used_fraction", "kl_uniform", "kl_uniform_weighted", "gini", "slots_50", "slots_90", "slots_99")
     for layer, s in r["usage"][-1][1].items():
         print(f"  {layer}: {s['slots']:,} slots, " + ", ".join(
