@@ -38,11 +38,16 @@ def main():
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
+    run(args)
+    dist.barrier()  # every rank done, and the layers freed, before gloo goes down (else it may abort at exit)
+    dist.destroy_process_group()
+
+
+def run(args):
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     whole = PKM(args.dim, heads=4, num_keys=args.num_keys, topk=32, dim_head=64)
     sharded = shard_values(copy.deepcopy(whole))
-    table_mib = lambda w: w.numel() * w.element_size() / 2**20  # noqa: E731
 
     rows = []
     for n in args.tokens:
@@ -57,8 +62,10 @@ def main():
         print(f"{'tokens/rank':>11} | {'whole ms':>9} | {'sharded ms':>10} | {'ratio':>5}")
         for n, a, b, r in rows:
             print(f"{n:>11} | {a:>9.2f} | {b:>10.2f} | {r:>5.2f}")
-    dist.barrier()  # no rank tears gloo down while another still talks to it
-    dist.destroy_process_group()
+
+
+def table_mib(w):
+    return w.numel() * w.element_size() / 2**20
 
 
 if __name__ == "__main__":

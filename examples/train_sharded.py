@@ -53,11 +53,16 @@ def main():
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    train(args, device)
+    dist.barrier()  # every rank done (and its model freed) before the process group goes down
+    dist.destroy_process_group()
 
+
+def train(args, device):
+    rank, world = dist.get_rank(), dist.get_world_size()
     # every rank draws its own columns of the table, so the full table never exists anywhere
     torch.manual_seed(1000 + rank)
     pool = ShardedValues(args.num_keys**2, args.dim, device=device)
@@ -89,8 +94,6 @@ def main():
         f"({pool.num_embeddings}, {pool.embedding_dim}) table, {mib:.2f} MiB of values",
         flush=True,
     )
-    dist.barrier()  # no rank tears gloo down while another still talks to it
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

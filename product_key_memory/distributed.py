@@ -110,7 +110,9 @@ def sharded_value_read(
     dist.all_gather(every, sizes, group=group)
     counts, ms, slots, cols = (list(col) for col in zip(*(t.tolist() for t in every)))
     if len(set(ms)) != 1 or len(set(slots)) != 1:  # every rank sees the same lists, so all raise together
-        raise ValueError(f"every rank must read the same number of slots m and hold the same rows, got m={ms}, rows={slots}")
+        raise ValueError(
+            f"every rank must read the same number of slots m and hold the same rows, got m={ms}, rows={slots}"
+        )
 
     # 1. every rank gets the (indices, weights) of every rank's tokens
     send, recv = [n * m] * world, [c * m for c in counts]
@@ -185,7 +187,9 @@ class ShardedValues(nn.Module):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {value!r}")
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("ShardedValues needs an initialised process group (torch.distributed.init_process_group)")
+            raise RuntimeError(
+                "ShardedValues needs an initialised process group (torch.distributed.init_process_group)"
+            )
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         if embedding_dim < world:
             raise ValueError(f"embedding_dim must be at least the world size {world}, got {embedding_dim}")
@@ -224,7 +228,8 @@ class ShardedValues(nn.Module):
         """This rank's columns of a full ``(num_embeddings, embedding_dim)`` table, identical on every rank."""
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             raise ValueError(f"weight must be a 2-D table, got {getattr(weight, 'shape', type(weight).__name__)}")
-        new = cls(*weight.shape, group=group, average_grads=average_grads, sparse=sparse, device=weight.device, dtype=weight.dtype)
+        factory = dict(device=weight.device, dtype=weight.dtype)
+        new = cls(*weight.shape, group=group, average_grads=average_grads, sparse=sparse, **factory)
         with torch.no_grad():
             new.weight.copy_(weight[:, new.column_start : new.column_start + new.weight.shape[1]])
         return new
@@ -252,8 +257,9 @@ class ShardedValues(nn.Module):
         cols = column_sizes(self.embedding_dim, world)
         sizes = [self.num_embeddings * c for c in cols]
         mine = self.weight.reshape(-1)
+        # an all_to_all of the whole slice to everyone: gloo has no all_gather of uneven sizes
         pieces = _AllToAll.apply(mine.repeat(world), sizes, [mine.numel()] * world, self.group).split(sizes)
-        return torch.cat([p.view(self.num_embeddings, c) for p, c in zip(pieces, cols)], dim=-1)  # gloo: no uneven all_gather
+        return torch.cat([p.view(self.num_embeddings, c) for p, c in zip(pieces, cols)], dim=-1)
 
     def extra_repr(self) -> str:
         stop = self.column_start + self.weight.shape[1]
@@ -300,7 +306,11 @@ def shard_values(
 
 
 def sharded_parameters(model: nn.Module) -> List[nn.Parameter]:
-    """The :class:`ShardedValues` tables in ``model``, once each (e.g. ``fully_shard(..., ignored_params=set(...))``)."""
+    """The :class:`ShardedValues` tables in ``model``, once each.
+
+    For ``fully_shard(..., ignored_params=set(sharded_parameters(model)))`` and anything else
+    that must leave them alone.
+    """
     seen, tables = set(), []
     for module in model.modules():
         if isinstance(module, ShardedValues) and id(module.weight) not in seen:

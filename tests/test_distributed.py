@@ -282,7 +282,8 @@ def _scenario_fsdp2(rank, world):
     fully_shard(model, ignored_params=set(sharded_parameters(model)))
     grads = _train_step(model, data[rank], world, _clip_sharded)
     pairs = _compare_step(model, ref, grads, _train_step(ref, data, world, _clip_one_process))
-    pairs["dense parameters are sharded"] = (torch.tensor(hasattr(model.proj.weight, "full_tensor")), torch.tensor(True))
+    is_dtensor = hasattr(model.proj.weight, "full_tensor")
+    pairs["dense parameters are sharded"] = (torch.tensor(is_dtensor), torch.tensor(True))
     return pairs
 
 
@@ -325,7 +326,9 @@ def results(tmp_path_factory):
 
 def _compare(pairs, rank):
     for name, (actual, expected) in pairs.items():
-        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5, msg=lambda m: f"rank {rank}, {name}: {m}")
+        torch.testing.assert_close(
+            actual, expected, rtol=0, atol=1e-5, msg=lambda m, name=name: f"rank {rank}, {name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("rank", range(WORLD))

@@ -34,7 +34,7 @@ def test_gradients_match_formula():
     ref = torch.autograd.grad((_reference(layer, x) * g).sum(), [x, *layer.parameters()])
     names = ["x"] + [n for n, _ in layer.named_parameters()]
     for name, a, b in zip(names, grads, ref):
-        torch.testing.assert_close(a, b, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 def test_masked_tokens_give_zero_output_and_no_gradient():

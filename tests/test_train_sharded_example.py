@@ -9,14 +9,24 @@ import pytest
 import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
+DONE = ("step    2", "rank 0: columns [0:32)", "rank 1: columns [32:64)")
+
+
+def _run():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "examples" / "train_sharded.py"), "--steps", "3"]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_torchrun_two_processes():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "examples" / "train_sharded.py"), "--steps", "3"]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    run = _run()
+    if run.returncode != 0 and all(s in run.stdout for s in DONE) and "SIGABRT" in run.stderr:
+        # Known, not ours to fix here: about 1 run in 13, a worker that finished everything aborts at
+        # interpreter exit ("terminate called without an active exception"); seen only under torchrun
+        # with the MKL CSR addmm of ops._rows_from_bags (0 in 30 runs without it). One retry.
+        run = _run()
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "step    2" in run.stdout
-    assert "rank 0: columns [0:32)" in run.stdout and "rank 1: columns [32:64)" in run.stdout, run.stdout
+    for line in DONE:
+        assert line in run.stdout, run.stdout
