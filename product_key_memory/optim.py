@@ -78,7 +78,7 @@ class SparseRowAdam(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
-        chunk_bytes: int = 4 << 20,
+        chunk_bytes: int = 1 << 20,
     ):
         if not 0.0 <= lr:
             raise ValueError(f"lr must be >= 0, got {lr!r}")
