@@ -25,7 +25,6 @@ import math
 import sys
 import sysconfig
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -281,8 +280,6 @@ def main(argv=None):
         p.set_defaults(**QUICK)  # explicit flags still win
     args = p.parse_args(argv)
 
-    # the fast value-read backward builds a CSR matrix; torch warns once that CSR support is "beta"
-    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -116,8 +116,13 @@ def candidate_pairs(topk: int, device: Optional[torch.device] = None) -> Tensor:
     return torch.tensor(pairs, dtype=torch.long, device=device).t().contiguous()
 
 
-def _split_halves(scores: Tensor, indices: Tensor):
-    return scores.unbind(-2), indices.unbind(-2)
+def _halves_topk(sub_scores: Tensor, topk: int, subkey_topk: Optional[TopkFn]):
+    """``((s1, s2), (i1, i2))``: each half's ``topk`` best sub-keys, best first."""
+    if subkey_topk is None:
+        best, best_idx = sub_scores.topk(topk, dim=-1)
+    else:
+        best, best_idx = subkey_topk(sub_scores, topk)
+    return best.unbind(-2), best_idx.unbind(-2)
 
 
 def product_topk(
@@ -144,11 +149,7 @@ def product_topk(
     if not fast_path_enabled():
         return product_topk_reference(sub_scores, topk, subkey_topk=subkey_topk)
     num_keys = sub_scores.shape[-1]
-    if subkey_topk is None:
-        best, best_idx = sub_scores.topk(topk, dim=-1)
-    else:
-        best, best_idx = subkey_topk(sub_scores, topk)
-    (s1, s2), (i1, i2) = _split_halves(best, best_idx)
+    (s1, s2), (i1, i2) = _halves_topk(sub_scores, topk, subkey_topk)
     if pairs is None:
         pairs = candidate_pairs(topk, sub_scores.device)
     a, b = pairs[0], pairs[1]
@@ -163,11 +164,7 @@ def product_topk_reference(
 ) -> Tuple[Tensor, Tensor]:
     """The paper's two-stage search: all ``topk ** 2`` sums of the two top-k lists."""
     num_keys = sub_scores.shape[-1]
-    if subkey_topk is None:
-        best, best_idx = sub_scores.topk(topk, dim=-1)
-    else:
-        best, best_idx = subkey_topk(sub_scores, topk)
-    (s1, s2), (i1, i2) = _split_halves(best, best_idx)
+    (s1, s2), (i1, i2) = _halves_topk(sub_scores, topk, subkey_topk)
     grid = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (..., heads, topk * topk)
     grid_slots = (i1.unsqueeze(-1) * num_keys + i2.unsqueeze(-2)).flatten(-2)
     scores, pos = grid.topk(topk, dim=-1)

@@ -155,21 +155,13 @@ def _sparse_value_grad(
     return torch.sparse_coo_tensor(rows_idx.unsqueeze(0), rows, shape, is_coalesced=True, check_invariants=False)
 
 
-def _rows_from_bags(g: Tensor, counts: Tensor, bag_of_read: Tensor, psw: Tensor, use_csr: Optional[bool] = None) -> Tensor:
+def _rows_from_bags(g: Tensor, counts: Tensor, bag_of_read: Tensor, psw: Tensor) -> Tensor:
     """Row ``u`` = sum of ``psw[j] * g[bag_of_read[j]]`` over the ``counts[u]`` reads ``j`` of row ``u``.
 
-    A ``(rows, bags)`` CSR matrix times ``g``, written into a huge-page buffer
-    (``torch.addmm(out=)``); without MKL (whose CSR kernel this relies on) or on
-    other devices, one ``embedding_bag`` with a bag per row.
+    One ``embedding_bag`` over the output gradient with a bag per touched row. (An MKL
+    CSR ``addmm`` was tried here: no faster when interleaved with this, and linked to
+    an occasional SIGABRT at interpreter exit under torchrun.)
     """
-    if use_csr is None:
-        use_csr = g.device.type == "cpu" and torch.backends.mkl.is_available() and g.dtype in (torch.float32, torch.float64)
-    if use_csr:
-        crow = torch.zeros(counts.numel() + 1, dtype=torch.long, device=g.device)
-        torch.cumsum(counts, 0, out=crow[1:])
-        a = torch.sparse_csr_tensor(crow, bag_of_read, psw, (counts.numel(), g.shape[0]), check_invariants=False)
-        out = empty_hugepage(counts.numel(), g.shape[1], dtype=g.dtype, device=g.device)
-        return torch.addmm(out, a, g, beta=0, out=out)
     offsets = counts.cumsum(0) - counts
     return F.embedding_bag(bag_of_read, g, offsets, mode="sum", per_sample_weights=psw)
 
