@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import functional as PF
+from ._checks import check_positive_int
 from .pkm import PKM
 
 __all__ = ["ShardedValues", "sharded_value_read", "shard_values", "sharded_parameters", "clip_grad_norm_"]
@@ -181,8 +182,7 @@ class ShardedValues(nn.Module):
     ):
         super().__init__()
         for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         for name, value in (("average_grads", average_grads), ("sparse", sparse)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {value!r}")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_positive_int
 from .pkm import PKM
 
 __all__ = ["MemoryPlus"]
@@ -49,8 +50,7 @@ class MemoryPlus(nn.Module):
 
     def __init__(self, dim: int, *, memory: Optional[nn.Module] = None, device=None, dtype=None, **pkm_kwargs):
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        check_positive_int("dim", dim)
         if memory is None:
             memory = PKM(dim, device=device, dtype=dtype, **pkm_kwargs)
         elif pkm_kwargs:

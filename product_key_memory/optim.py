@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_positive_int
 from .ops import empty_hugepage
 
 __all__ = ["fetch_pkm_value_parameters", "fetch_optimizer_parameters", "SparseRowAdam", "build_optimizer"]
@@ -88,8 +89,7 @@ class SparseRowAdam(torch.optim.Optimizer):
             raise ValueError(f"betas must be two floats in [0, 1), got {betas!r}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-            raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+        check_positive_int("chunk_bytes", chunk_bytes)
         self.chunk_bytes = chunk_bytes
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 

@@ -9,19 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as PF
+from ._checks import check_positive_int, check_probability
 from .query import QUERY_NORMS, QueryMLP, query_norm as make_query_norm
 
 __all__ = ["PKM", "ProductKeyMemory"]
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _check_probability(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
 
 
 def _check_choice(name: str, value, allowed) -> None:
@@ -152,7 +143,7 @@ class PKM(nn.Module):
     ):
         super().__init__()
         for name, value in (("dim", dim), ("heads", heads), ("num_keys", num_keys), ("topk", topk), ("dim_head", dim_head)):
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         if topk > num_keys:
             raise ValueError(f"topk must be at most num_keys={num_keys}, got topk={topk}")
         for name, value in (
@@ -161,7 +152,7 @@ class PKM(nn.Module):
             ("value_dropout", value_dropout),
             ("attn_dropout", attn_dropout),
         ):
-            _check_probability(name, value)
+            check_probability(name, value)
         if query_norm is None:
             query_norm = "layernorm" if use_layernorm else "batchnorm"
         _check_choice("query_norm", query_norm, QUERY_NORMS)
@@ -179,7 +170,7 @@ class PKM(nn.Module):
         _check_choice("key_init", key_init, KEY_INITS)
         _check_choice("value_init", value_init, VALUE_INITS)
         if value_dim is not None:
-            _check_positive_int("value_dim", value_dim)
+            check_positive_int("value_dim", value_dim)
         if not isinstance(query_hidden, (list, tuple)):
             raise TypeError(f"query_hidden must be a list or tuple of hidden sizes, got {query_hidden!r}")
         factory = dict(device=device, dtype=dtype)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ._checks import check_positive_int
+
 __all__ = ["ValuePool"]
 
 
@@ -39,8 +41,7 @@ class ValuePool(nn.EmbeddingBag):
 
     def __init__(self, num_keys: int, dim: int, *, sparse: bool = False, device=None, dtype=None):
         for name, value in (("num_keys", num_keys), ("dim", dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         if not isinstance(sparse, bool):
             raise TypeError(f"sparse must be a bool, got {sparse!r}")
         super().__init__(num_keys**2, dim, mode="sum", sparse=sparse, device=device, dtype=dtype)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_positive_int
 from .pkm import PKM
 
 __all__ = ["TransformerLM", "lm_loss"]
@@ -130,8 +131,7 @@ class TransformerLM(nn.Module):
         super().__init__()
         for name, value in (("num_tokens", num_tokens), ("dim", dim), ("depth", depth), ("seq_len", seq_len),
                             ("heads", heads), ("dim_head", dim_head), ("ff_mult", ff_mult)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         if pkm_kwargs is not None and not isinstance(pkm_kwargs, dict):
             raise TypeError(f"pkm_kwargs must be a dict of PKM arguments, got {type(pkm_kwargs).__name__}")
         factory = dict(device=device, dtype=dtype)
