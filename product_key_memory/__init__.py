@@ -7,6 +7,7 @@ from .norms import MaskedBatchNorm, QueryLayerNorm
 from .optim import SparseRowAdam, build_optimizer, fetch_optimizer_parameters, fetch_pkm_value_parameters
 from .pkm import PKM, ProductKeyMemory
 from .pool import ValuePool
+from .tables import EmbeddingValues, ValueTable
 from .transformer import TransformerLM, lm_loss
 from .usage import MemoryUsageTracker, save_usage_plot, usage_statistics
 from .xlm import from_xlm
@@ -18,6 +19,8 @@ __all__ = [
     "ProductKeyMemory",
     "MemoryPlus",
     "ValuePool",
+    "ValueTable",
+    "EmbeddingValues",
     "ShardedValues",
     "shard_values",
     "sharded_parameters",
