@@ -1,26 +1,52 @@
-"""Product-key memory layers for PyTorch (Lample et al. 2019, arXiv 1907.05242)."""
+"""Product-key memory layers for PyTorch (Lample et al. 2019, arXiv 1907.05242).
 
-from . import distributed, functional
+The core (the layer, its parts, the ops, the tables, the optimizer helpers) imports
+nothing else of the package; the language model, the XLM converter and the
+integrations load on first use.
+"""
+
+import importlib
+
+from . import distributed, functional, ops
 from .distributed import ShardedValues, shard_values, sharded_parameters
+from .keys import ProductKeys
 from .memory_plus import MemoryPlus
 from .norms import MaskedBatchNorm, QueryLayerNorm
+from .ops import use_backend
 from .optim import SparseRowAdam, build_optimizer, fetch_optimizer_parameters, fetch_pkm_value_parameters
+from .output import MemoryOutput
 from .pkm import PKM, ProductKeyMemory
 from .pool import ValuePool
+from .query import QueryNetwork
+from .scoring import Scoring
 from .tables import EmbeddingValues, ValueTable
-from .transformer import TransformerLM, lm_loss
 from .usage import MemoryUsageTracker, save_usage_plot, usage_statistics
-from .xlm import from_xlm
 
 __version__ = "0.4.0"
+
+# name -> module, imported on first access (PEP 562)
+_LAZY = {"TransformerLM": ".transformer", "lm_loss": ".transformer", "from_xlm": ".xlm"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "PKM",
     "ProductKeyMemory",
-    "MemoryPlus",
-    "ValuePool",
+    "QueryNetwork",
+    "ProductKeys",
+    "Scoring",
+    "MemoryOutput",
     "ValueTable",
     "EmbeddingValues",
+    "MemoryPlus",
+    "ValuePool",
     "ShardedValues",
     "shard_values",
     "sharded_parameters",
@@ -34,6 +60,8 @@ __all__ = [
     "SparseRowAdam",
     "build_optimizer",
     "functional",
+    "ops",
+    "use_backend",
     "from_xlm",
     "MemoryUsageTracker",
     "usage_statistics",

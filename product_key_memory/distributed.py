@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import functional as PF
-from ._checks import check_positive_int
-from .pkm import PKM
+from ._checks import check_bool, check_positive_int
+from .tables import ValueTable
 
 __all__ = ["ShardedValues", "sharded_value_read", "shard_values", "sharded_parameters", "clip_grad_norm_"]
 
@@ -137,7 +137,7 @@ def sharded_value_read(
     return out.view(*lead, sum(cols))
 
 
-class ShardedValues(nn.Module):
+class ShardedValues(ValueTable):
     r"""A ``(num_embeddings, embedding_dim)`` value table whose columns are spread over processes.
 
     Rank ``r`` of ``group`` holds ``weight``, the columns
@@ -180,12 +180,10 @@ class ShardedValues(nn.Module):
         device=None,
         dtype=None,
     ):
-        super().__init__()
         for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
             check_positive_int(name, value)
-        for name, value in (("average_grads", average_grads), ("sparse", sparse)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {value!r}")
+        check_bool("average_grads", average_grads)
+        super().__init__(num_embeddings, embedding_dim, sparse=sparse)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "ShardedValues needs an initialised process group (torch.distributed.init_process_group)"
@@ -194,15 +192,15 @@ class ShardedValues(nn.Module):
         if embedding_dim < world:
             raise ValueError(f"embedding_dim must be at least the world size {world}, got {embedding_dim}")
         sizes = column_sizes(embedding_dim, world)
-        self.num_embeddings = num_embeddings
-        self.embedding_dim = embedding_dim
         self.column_start = sum(sizes[:rank])
         self.group = group
         self.average_grads = average_grads
-        self.sparse = sparse
         self.weight = nn.Parameter(torch.empty(num_embeddings, sizes[rank], device=device, dtype=dtype))
         self._register_load_state_dict_pre_hook(self._slice_full_table)
         self.reset_parameters()
+
+    num_embeddings = property(lambda self: self.num_slots)
+    embedding_dim = property(lambda self: self.dim)
 
     def _slice_full_table(self, state_dict, prefix, *args) -> None:
         # a whole (num_embeddings, embedding_dim) table, e.g. from one process or a 0.3.0
@@ -234,8 +232,10 @@ class ShardedValues(nn.Module):
             new.weight.copy_(weight[:, new.column_start : new.column_start + new.weight.shape[1]])
         return new
 
-    def forward(self, indices: Tensor, weights: Tensor, trainable: Optional[Tensor] = None) -> Tensor:
-        """Indices and weights ``(..., m)`` of this rank's tokens -> ``(..., embedding_dim)``."""
+    def read(self, indices: Tensor, weights: Optional[Tensor], *, trainable: Optional[Tensor] = None) -> Tensor:
+        """Indices and weights ``(..., m)`` of this rank's tokens -> ``(..., embedding_dim)`` (collective)."""
+        if weights is None:
+            weights = torch.ones(indices.shape, dtype=self.weight.dtype, device=indices.device)
         return sharded_value_read(
             self.weight,
             indices,
@@ -245,10 +245,6 @@ class ShardedValues(nn.Module):
             sparse=self.sparse,
             average_grads=self.average_grads,
         )
-
-    def read(self, indices: Tensor, weights: Tensor, *, trainable: Optional[Tensor] = None) -> Tensor:
-        """What :class:`PKM` calls: the same as calling the module."""
-        return self(indices, weights, trainable)
 
     @torch.no_grad()
     def full_weight(self) -> Tensor:
@@ -272,28 +268,32 @@ class ShardedValues(nn.Module):
 def shard_values(
     model: nn.Module, *, group: Optional[dist.ProcessGroup] = None, average_grads: bool = True
 ) -> nn.Module:
-    """Replace the value table of every :class:`PKM` in ``model`` by this rank's columns of it.
+    """Replace every value table in ``model`` (each :class:`~product_key_memory.EmbeddingValues`,
+    e.g. a :class:`PKM`'s own table or a :class:`ValuePool`) by this rank's columns of it.
 
-    A table read by several layers (a :class:`ValuePool`) becomes one :class:`ShardedValues`
-    that they keep sharing. The tables are marked for DDP to ignore (they must not be
-    all-reduced nor broadcast from rank 0), so wrap ``model`` itself in DDP afterwards.
-    Every rank must hold the same tables (same seed or checkpoint). For a table too big for
-    one process, build the layer with ``values=ShardedValues(...)`` instead.
+    A table read by several layers becomes one :class:`ShardedValues` that they keep sharing.
+    The tables are marked for DDP to ignore (they must not be all-reduced nor broadcast from
+    rank 0), so wrap ``model`` itself in DDP afterwards. Every rank must hold the same tables
+    (same seed or checkpoint). For a table too big for one process, build the layer with
+    ``values=ShardedValues(...)`` instead. Other table types raise a ``TypeError``.
 
     Returns:
         ``model``, changed in place.
     """
+    from .tables import EmbeddingValues
+
     sharded = {}
-    for module in model.modules():
-        if isinstance(module, PKM) and not isinstance(module.values, ShardedValues):
-            weight = module.values.weight
-            if id(weight) not in sharded:
-                sparse = bool(getattr(module.values, "sparse", False))
-                sharded[id(weight)] = ShardedValues.from_full(
-                    weight.detach(), group=group, average_grads=average_grads, sparse=sparse
+    for parent in list(model.modules()):
+        for name, table in list(parent.named_children()):
+            if not isinstance(table, ValueTable) or isinstance(table, ShardedValues):
+                continue
+            if not isinstance(table, EmbeddingValues):
+                raise TypeError(f"shard_values shards EmbeddingValues tables; {name!r} is a {type(table).__name__}")
+            if id(table) not in sharded:
+                sharded[id(table)] = ShardedValues.from_full(
+                    table.weight.detach(), group=group, average_grads=average_grads, sparse=table.sparse
                 )
-            module.values = sharded[id(weight)]
-            module._owns_values = False  # its reset_parameters would draw the slice with the wrong std
+            setattr(parent, name, sharded[id(table)])
     names = [
         f"{name}.{pname}" if name else pname
         for name, module in model.named_modules(remove_duplicate=False)

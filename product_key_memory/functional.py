@@ -1,6 +1,7 @@
 """Stateless core of a product-key memory (Lample et al. 2019, arXiv 1907.05242).
 
-Two pieces, each with a plain reference beside the path the modules use:
+Two pieces, each a custom op (``torch.ops.pkm.*``, see :mod:`product_key_memory.ops`)
+with a plain reference beside it:
 
 * the product-key search: queries and sub-keys -> the ``topk`` best slots of a
   ``num_keys ** 2`` table and their scores;
@@ -13,17 +14,16 @@ Layouts used throughout (``...`` is any number of leading token dims):
 * sub-scores  ``(..., heads, 2, num_keys)``
 * slots       ``(..., heads, topk)``, slot ``i1 * num_keys + i2``
 
-Fast paths (``product_key_memory.ops``) are chosen automatically by
-:func:`product_key_search` and :func:`value_read` and give the same selections,
-outputs and gradients as the references. ``with reference_path():`` forces the
-references (for debugging); options the fast paths do not cover (a custom
-``subkey_topk``, e.g. ``differentiable_topk``) always take the reference path.
+Ties: on equal scores the lower index wins, in every function and on every backend.
+The backend (``reference``, ``torch``, ``triton``) is chosen by device and forced with
+:func:`~product_key_memory.ops.use_backend`; :func:`reference_path` is
+``use_backend("reference")``. ``torch.export`` traces the plain reference code (no
+custom ops in exported graphs, so ONNX and other exporters translate them).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from typing import Callable, Iterator, Optional, Tuple
 
 import torch
@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .ops import candidate_pairs, reference as _ref
+from .ops.reference import brute_force_search, score_dtype as _score_dtype_of
 
 __all__ = [
     "reference_path",
@@ -49,34 +51,28 @@ __all__ = [
 
 TopkFn = Callable[[Tensor, int], Tuple[Tensor, Tensor]]
 
-# set only by ``reference_path``, which restores it; a ContextVar is per thread and per task
-_FORCE_REFERENCE = contextvars.ContextVar("product_key_memory_force_reference", default=False)
-
 
 @contextlib.contextmanager
 def reference_path(enabled: bool = True) -> Iterator[None]:
-    """Within this block, search and value reads take the plain reference paths.
+    """Within this block, the ops run on the ``reference`` backend (``enabled=False``: chosen by device).
 
     For debugging a suspected fast-path problem: ``with reference_path(): model(x)``.
-    The reference value read always returns a dense value gradient.
+    Same as ``ops.use_backend("reference")``.
     """
-    token = _FORCE_REFERENCE.set(bool(enabled))
-    try:
+    with ops.use_backend("reference" if enabled else None):
         yield
-    finally:
-        _FORCE_REFERENCE.reset(token)
 
 
-def fast_path_enabled() -> bool:
-    """``False`` inside :func:`reference_path`, and while ``torch.compile`` or ``torch.export`` traces.
-
-    Traced code takes the reference paths: plain ops that compilers fuse and exporters
-    translate (the fast backward's sorting and sparse tensors are neither), and no
-    ContextVar read, which would break the graph. Their value gradient is dense.
-    """
-    if torch.compiler.is_compiling():
+def fast_path_enabled(device: Optional[torch.device] = None) -> bool:
+    """``False`` inside :func:`reference_path` (or ``use_backend("reference")``) and while
+    ``torch.export`` traces; otherwise the ops run a fast backend."""
+    if _exporting():
         return False
-    return not _FORCE_REFERENCE.get()
+    return ops.backend_for(torch.device("cpu") if device is None else torch.device(device)) != "reference"
+
+
+def _exporting() -> bool:
+    return torch.compiler.is_exporting()
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -95,34 +91,10 @@ def subkey_scores(queries: Tensor, keys: Tensor) -> Tensor:
         ``(..., heads, 2, num_keys)`` in float32 (or float64 for float64 input),
         computed outside autocast so mixed precision never lowers score precision.
     """
-    dtype = _score_dtype(torch.promote_types(queries.dtype, keys.dtype))
+    dtype = _score_dtype_of(queries, keys)
     lead, (heads, _, dim_key) = queries.shape[:-3], queries.shape[-3:]
-    s1, s2 = ops.half_scores(queries.reshape(-1, heads, 2, dim_key), keys, dtype)  # (H, N, num_keys) each
+    s1, s2 = ops.cpu.half_scores(queries.reshape(-1, heads, 2, dim_key), keys, dtype)  # (H, N, num_keys) each
     return torch.stack((s1, s2), dim=2).transpose(0, 1).reshape(*lead, heads, 2, keys.shape[-2])
-
-
-def candidate_pairs(topk: int, device: Optional[torch.device] = None) -> Tensor:
-    """Positions ``(a, b)`` in two descending top-k lists whose sum can reach the top-k.
-
-    The pair ``(a, b)`` is beaten by every ``(a', b')`` with ``a' <= a, b' <= b``,
-    that is by ``(a + 1) * (b + 1) - 1`` others, so only pairs with
-    ``(a + 1) * (b + 1) <= topk`` can be among the ``topk`` best sums:
-    about ``topk * ln(topk)`` of the ``topk ** 2`` grid.
-
-    Returns:
-        long tensor ``(2, num_pairs)``: row 0 the positions in the first list, row 1 in the second.
-    """
-    pairs = [(a, b) for a in range(topk) for b in range(topk // (a + 1))]
-    return torch.tensor(pairs, dtype=torch.long, device=device).t().contiguous()
-
-
-def _halves_topk(sub_scores: Tensor, topk: int, subkey_topk: Optional[TopkFn]):
-    """``((s1, s2), (i1, i2))``: each half's ``topk`` best sub-keys, best first."""
-    if subkey_topk is None:
-        best, best_idx = sub_scores.topk(topk, dim=-1)
-    else:
-        best, best_idx = subkey_topk(sub_scores, topk)
-    return best.unbind(-2), best_idx.unbind(-2)
 
 
 def product_topk(
@@ -137,38 +109,35 @@ def product_topk(
     Args:
         sub_scores: ``(..., heads, 2, num_keys)``.
         topk: slots to return per head, ``1 <= topk <= num_keys``.
-        subkey_topk: replaces ``torch.topk`` for the per-half selection (e.g. a
-            differentiable top-k); it must return values sorted in descending order.
-        pairs: the output of :func:`candidate_pairs` for ``topk`` (pass it to avoid
-            rebuilding it on every call).
+        subkey_topk: replaces the per-half selection (e.g. a differentiable top-k); it
+            must return values sorted best first.
+        pairs: the output of :func:`candidate_pairs` for ``topk`` (by default the cached one).
 
     Returns:
-        ``scores, indices``, both ``(..., heads, topk)``, sorted by descending score;
-        ``indices`` are slots ``i1 * num_keys + i2``.
+        ``scores, indices``, both ``(..., heads, topk)``, sorted by descending score, the
+        lower slot first on ties; ``indices`` are slots ``i1 * num_keys + i2``.
     """
-    if not fast_path_enabled():
+    if not fast_path_enabled(sub_scores.device):
         return product_topk_reference(sub_scores, topk, subkey_topk=subkey_topk)
     num_keys = sub_scores.shape[-1]
-    (s1, s2), (i1, i2) = _halves_topk(sub_scores, topk, subkey_topk)
-    if pairs is None:
-        pairs = candidate_pairs(topk, sub_scores.device)
-    a, b = pairs[0], pairs[1]
+    best, best_idx = (_topk if subkey_topk is None else subkey_topk)(sub_scores, topk)
+    (s1, s2), (i1, i2) = best.unbind(-2), best_idx.unbind(-2)
+    a, b = candidate_pairs(topk, sub_scores.device) if pairs is None else pairs
     cand_scores = s1.index_select(-1, a) + s2.index_select(-1, b)  # (..., heads, P)
     cand_slots = i1.index_select(-1, a) * num_keys + i2.index_select(-1, b)
-    scores, pos = cand_scores.topk(topk, dim=-1)
-    return scores, cand_slots.gather(-1, pos)
+    return _topk(cand_scores, topk, cand_slots)
+
+
+def _topk(x: Tensor, k: int, index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    # the int64-key top-k returns values without a gradient; a stable sort keeps it
+    return (_ref.stable_topk if x.requires_grad else ops.topk_lower_index)(x, k, index)
 
 
 def product_topk_reference(
     sub_scores: Tensor, topk: int, *, subkey_topk: Optional[TopkFn] = None
 ) -> Tuple[Tensor, Tensor]:
     """The paper's two-stage search: all ``topk ** 2`` sums of the two top-k lists."""
-    num_keys = sub_scores.shape[-1]
-    (s1, s2), (i1, i2) = _halves_topk(sub_scores, topk, subkey_topk)
-    grid = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (..., heads, topk * topk)
-    grid_slots = (i1.unsqueeze(-1) * num_keys + i2.unsqueeze(-2)).flatten(-2)
-    scores, pos = grid.topk(topk, dim=-1)
-    return scores, grid_slots.gather(-1, pos)
+    return _ref.product_topk(sub_scores, topk, subkey_topk=subkey_topk)
 
 
 def product_key_search(
@@ -182,30 +151,30 @@ def product_key_search(
     """Queries ``(..., heads, 2, dim_key)`` and keys ``(heads, 2, num_keys, dim_key)``
     -> ``scores, indices`` of the ``topk`` best slots per head, ``(..., heads, topk)``.
 
-    Equals ``product_topk(subkey_scores(queries, keys), topk)``; without a custom
-    ``subkey_topk`` (and outside :func:`reference_path`) it runs ``ops.search_fast``,
-    which reads the keys in place and never builds the stacked sub-score tensor.
+    The op ``torch.ops.pkm.search``: it reads the keys in place and never builds the
+    stacked sub-score tensor. A custom ``subkey_topk`` takes :func:`product_topk`.
     """
-    if subkey_topk is not None or not fast_path_enabled():
+    if _exporting() and subkey_topk is None:
+        return _export_product_topk(subkey_scores(queries, keys), topk)
+    if subkey_topk is not None or _exporting():
         return product_topk(subkey_scores(queries, keys), topk, subkey_topk=subkey_topk, pairs=pairs)
     lead, (heads, _, dim_key) = queries.shape[:-3], queries.shape[-3:]
-    if pairs is None:
-        pairs = candidate_pairs(topk, queries.device)
-    dtype = _score_dtype(torch.promote_types(queries.dtype, keys.dtype))
-    scores, slots = ops.search_fast(queries.reshape(-1, heads, 2, dim_key), keys, topk, pairs, dtype)
+    scores, slots = ops.search(queries.reshape(-1, heads, 2, dim_key), keys, topk)
     return scores.reshape(*lead, heads, topk), slots.reshape(*lead, heads, topk)
 
 
-def brute_force_search(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
-    """Scores every one of the ``num_keys ** 2`` slots and keeps the best ``topk``.
-
-    The specification the two-stage search must match; memory grows with
-    ``num_keys ** 2``, so it is for tests and small tables only.
-    """
-    sub = subkey_scores(queries, keys)
-    s1, s2 = sub.unbind(-2)  # (..., heads, num_keys)
-    full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (..., heads, num_keys ** 2)
-    return full.topk(topk, dim=-1)
+def _export_product_topk(sub_scores: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
+    # what torch.export traces: topk alone (ONNX has no stable sort; its TopK puts the lower
+    # index first on ties). The grid is put in slot order first, so its ties also go to the lower slot.
+    num_keys = sub_scores.shape[-1]
+    best, best_idx = sub_scores.topk(topk, dim=-1)
+    (s1, s2), (i1, i2) = best.unbind(-2), best_idx.unbind(-2)
+    grid = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (..., heads, topk * topk)
+    grid_slots = (i1.unsqueeze(-1) * num_keys + i2.unsqueeze(-2)).flatten(-2)
+    by_slot = (-grid_slots).topk(grid_slots.shape[-1], dim=-1).indices  # ascending slots
+    grid, grid_slots = grid.gather(-1, by_slot), grid_slots.gather(-1, by_slot)
+    scores, pos = grid.topk(topk, dim=-1)
+    return scores, grid_slots.gather(-1, pos)
 
 
 def _check_read_args(values: Tensor, indices: Tensor, weights: Optional[Tensor], trainable: Optional[Tensor]):
@@ -213,6 +182,8 @@ def _check_read_args(values: Tensor, indices: Tensor, weights: Optional[Tensor],
         raise ValueError(f"values must be a (num_slots, dim) table, got shape {tuple(values.shape)}")
     if indices.dim() < 1:
         raise ValueError("indices must have at least one dim (the slots read per output row)")
+    if indices.dtype not in (torch.long, torch.int):
+        raise TypeError(f"indices must be an int64 or int32 tensor, got {indices.dtype}")
     if weights is not None and weights.shape != indices.shape:
         raise ValueError(
             f"weights must have the shape of indices {tuple(indices.shape)}, got {tuple(weights.shape)}"
@@ -227,7 +198,7 @@ def _check_read_args(values: Tensor, indices: Tensor, weights: Optional[Tensor],
 def value_read_reference(
     values: Tensor, indices: Tensor, weights: Optional[Tensor] = None, *, trainable: Optional[Tensor] = None
 ) -> Tensor:
-    """Weighted sum of value rows, written as plainly as possible.
+    """Weighted sum of value rows, written as plainly as possible (differentiable by autograd).
 
     Args:
         values: ``(num_slots, dim)``.
@@ -240,9 +211,9 @@ def value_read_reference(
         ``(..., dim)``
     """
     _check_read_args(values, indices, weights, trainable)
-    rows = F.embedding(indices, values)  # (..., m, dim)
+    rows = F.embedding(indices.long(), values)  # (..., m, dim)
     if trainable is not None:
-        rows = torch.where(trainable[indices].unsqueeze(-1), rows, rows.detach())
+        rows = torch.where(trainable[indices.long()].unsqueeze(-1), rows, rows.detach())
     if weights is None:
         return rows.sum(-2)
     return (rows * weights.to(rows.dtype).unsqueeze(-1)).sum(-2)
@@ -256,21 +227,20 @@ def value_read(
     trainable: Optional[Tensor] = None,
     sparse: bool = False,
 ) -> Tensor:
-    """Same result and gradients as :func:`value_read_reference`, faster.
+    """Same result and gradients as :func:`value_read_reference`: the op ``torch.ops.pkm.value_read``.
 
-    One ``embedding_bag`` forward; the backward (``ops.ValueRead``) touches only the
-    rows read: ``sparse=True`` makes the gradient of ``values`` a coalesced sparse
-    tensor holding just those rows (for ``optim.SparseRowAdam`` or
-    ``torch.optim.SparseAdam``), skipping rows read only with weight 0 (padding) or
-    outside ``trainable``. Inside :func:`reference_path` this is the reference.
+    The backward touches only the rows read: ``sparse=True`` makes the gradient of
+    ``values`` a coalesced sparse tensor holding just those rows (for
+    ``optim.SparseRowAdam`` or ``torch.optim.SparseAdam``; compiled code gets a dense
+    gradient), skipping rows read only with weight 0 (padding) or outside ``trainable``.
+    The weights may have any float dtype; their gradient comes back in it.
     """
     _check_read_args(values, indices, weights, trainable)
-    if not fast_path_enabled():
+    if _exporting():
         return value_read_reference(values, indices, weights, trainable=trainable)
     lead, m = indices.shape[:-1], indices.shape[-1]
-    flat_idx = indices.reshape(-1, m)
-    flat_w = None if weights is None else weights.reshape(-1, m).to(values.dtype)
-    out = ops.value_read_fast(values, flat_idx, flat_w, trainable, sparse)
+    flat_w = None if weights is None else weights.reshape(-1, m)
+    out = ops.value_read(values, indices.reshape(-1, m), flat_w, trainable, sparse)
     return out.view(*lead, values.shape[1])
 
 

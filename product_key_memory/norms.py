@@ -41,6 +41,10 @@ class MaskedBatchNorm(nn.Module):
         super().__init__()
         self.fn = nn.BatchNorm1d(num_features, eps=eps, momentum=momentum, device=device, dtype=dtype)
 
+    def reset_parameters(self) -> None:
+        """Running statistics and the affine parameters as ``nn.BatchNorm1d`` starts them."""
+        self.fn.reset_parameters()
+
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         bn = self.fn
         c = x.shape[-1]

@@ -10,25 +10,24 @@ from torch import Tensor, nn
 
 from ._checks import check_positive_int
 from .ops import empty_hugepage
+from .tables import ValueTable
 
 __all__ = ["fetch_pkm_value_parameters", "fetch_optimizer_parameters", "SparseRowAdam", "build_optimizer"]
 
 
 def _value_tables(module: nn.Module) -> List[nn.Parameter]:
-    from .pkm import PKM
-
-    seen, tables = set(), []
+    seen, params = set(), []
     for m in module.modules():
-        if isinstance(m, PKM):
-            w = m.values.weight
-            if id(w) not in seen:
-                seen.add(id(w))
-                tables.append(w)
-    return tables
+        if isinstance(m, ValueTable):
+            for p in m.value_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+    return params
 
 
 def fetch_pkm_value_parameters(module: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
-    """Split ``module``'s parameters into (value tables of every PKM, everything else).
+    """Split ``module``'s parameters into (the parameters of every :class:`ValueTable`, everything else).
 
     Each parameter appears once, also when several layers share one table.
     """
@@ -184,7 +183,7 @@ def build_optimizer(
 
     One :class:`SparseRowAdam` over :func:`fetch_optimizer_parameters` (value tables
     at ``pkm_learning_rate``, everything else at ``lr``). With ``sparse_values``
-    (default) it first sets ``sparse = True`` on every PKM's value module, so value
+    (default) it first sets ``sparse = True`` on every :class:`ValueTable` that can learn sparsely, so value
     gradients hold only the rows read and the step updates only those rows: a
     training step then costs the same for a 65k- or a 1M-slot table. Without it
     this is plain Adam.
@@ -195,10 +194,8 @@ def build_optimizer(
         >>> loss.backward(); opt.step(); opt.zero_grad()
     """
     if sparse_values:
-        from .pkm import PKM
-
         for m in module.modules():
-            if isinstance(m, PKM):
-                m.values.sparse = True
+            if isinstance(m, ValueTable) and m.supports_sparse_grad:
+                m.sparse = True
     groups = fetch_optimizer_parameters(module, pkm_learning_rate, pkm_weight_decay=pkm_weight_decay)
     return SparseRowAdam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

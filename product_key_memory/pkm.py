@@ -1,27 +1,25 @@
-"""The product-key memory layer (Lample et al. 2019, arXiv 1907.05242)."""
+"""The product-key memory layer (Lample et al. 2019, arXiv 1907.05242), assembled from its parts.
+
+A token's way through :meth:`PKM.forward`: the query network (``query.py``), the product
+keys and their search (``keys.py``), scoring (``scoring.py``), the value table
+(``tables.py``) and the output (``output.py``).
+"""
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import functional as PF
-from ._checks import check_positive_int, check_probability
-from .query import QUERY_NORMS, QueryMLP, query_norm as make_query_norm
+from ._checks import check_bool, check_choice, check_positive_int
+from .keys import ProductKeys
+from .output import MemoryOutput
+from .query import QUERY_NORMS, QueryNetwork
+from .scoring import Scoring
+from .tables import VALUE_INITS, EmbeddingValues, ValueTable
 
 __all__ = ["PKM", "ProductKeyMemory"]
-
-
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
-
-
-KEY_INITS = ("normal", "uniform")
-VALUE_INITS = ("normal", "zeros")
 
 
 class PKM(nn.Module):
@@ -56,12 +54,13 @@ class PKM(nn.Module):
 
     Keyword-only args (the defaults are product-key-memory 0.3.0; see the README's
     "Reproducing the paper's layer" for the settings of the paper's reference code):
-        values: a module whose ``weight`` is the ``(num_keys ** 2, value_dim)`` value
-            table, to share one table between layers (see :class:`ValuePool`). It is used
-            as given, not re-initialised; its ``sparse`` attribute decides the gradient
-            layout. A module with a ``read(indices, weights, *, trainable)`` method and
-            ``num_embeddings``/``embedding_dim`` sizes (e.g. :class:`ShardedValues`, a
-            table split over processes) does the read itself.
+        query, product_keys, scoring, values, output: parts to use instead of building them
+            from the options (:class:`~product_key_memory.QueryNetwork`,
+            :class:`~product_key_memory.ProductKeys`, :class:`~product_key_memory.Scoring`, a
+            :class:`~product_key_memory.ValueTable`, :class:`~product_key_memory.MemoryOutput`).
+            A part passed in must agree with the sizes given, and the options that would
+            build it must stay at their defaults. A table passed in is used as given (not
+            re-initialised): pass one :class:`ValuePool` to several layers to share it.
         qk_norm: score with normalised half-queries and sub-keys (:func:`functional.qk_normalize`,
             as Memory+, arXiv 2412.09764). Parameter-free: the state dict is unchanged.
         query_bias: give the query projection (and hidden layers) a bias.
@@ -88,9 +87,10 @@ class PKM(nn.Module):
         device, dtype: factory kwargs for every parameter.
 
     Attributes:
-        usage_hook: ``None``, or a callable ``(indices, weights, mask)`` called after each
-            search with slots and weights ``(N, heads, topk)`` and the token mask ``(N,)``
-            (or ``None``); :class:`~product_key_memory.usage.MemoryUsageTracker` sets it.
+        query, product_keys, scoring, values, output: the parts. ``query`` and ``output``
+            keep their pieces under product-key-memory 0.3.0's names on the layer itself
+            (``to_queries``, ``norm``, ``combine``, ...), so the state dict is 0.3.0's.
+        keys: the sub-keys, ``(heads, num_keys, 2, dim_head)``.
 
     Shape:
         - x: ``(..., dim)``; ``input_mask``: ``x.shape[:-1]``, bool, ``True`` for real tokens.
@@ -123,7 +123,11 @@ class PKM(nn.Module):
         norm_output: bool = False,
         non_competitive_gates: bool = False,
         *,
-        values: Optional[nn.Module] = None,
+        query: Optional[QueryNetwork] = None,
+        product_keys: Optional[ProductKeys] = None,
+        scoring: Optional[Scoring] = None,
+        values: Optional[ValueTable] = None,
+        output: Optional[MemoryOutput] = None,
         query_bias: bool = False,
         query_hidden: Sequence[int] = (),
         query_hidden_batchnorm: bool = False,
@@ -142,168 +146,164 @@ class PKM(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        for name, value in (("dim", dim), ("heads", heads), ("num_keys", num_keys), ("topk", topk), ("dim_head", dim_head)):
-            check_positive_int(name, value)
-        if topk > num_keys:
-            raise ValueError(f"topk must be at most num_keys={num_keys}, got topk={topk}")
-        for name, value in (
-            ("input_dropout", input_dropout),
-            ("query_dropout", query_dropout),
-            ("value_dropout", value_dropout),
-            ("attn_dropout", attn_dropout),
-        ):
-            check_probability(name, value)
+        check_positive_int("dim", dim)
+        factory = dict(device=device, dtype=dtype)
+        self.dim = dim
+
+        # one option, one meaning: use_layernorm is the old spelling of query_norm
+        check_choice("query_norm", query_norm, (None,) + QUERY_NORMS)
+        if not isinstance(query_hidden, (list, tuple)):
+            raise TypeError(f"query_hidden must be a list or tuple of hidden sizes, got {query_hidden!r}")
         if query_norm is None:
             query_norm = "layernorm" if use_layernorm else "batchnorm"
-        _check_choice("query_norm", query_norm, QUERY_NORMS)
-        if not use_layernorm and query_norm != "batchnorm":
+        elif not use_layernorm and query_norm != "batchnorm":
             raise ValueError(
                 f"use_layernorm=False means query_norm='batchnorm', got query_norm={query_norm!r}: pass only query_norm"
             )
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a positive float, got {temperature!r}")
-        _check_choice("score_subtract", score_subtract, (None,) + PF.SCORE_SUBTRACTS)
+        if query is None:
+            query = QueryNetwork(
+                dim, heads, dim_head, pre_norm=pre_layernorm, input_dropout=input_dropout, hidden=query_hidden,
+                hidden_batchnorm=query_hidden_batchnorm, bias=query_bias, norm=query_norm,
+                query_dropout=query_dropout, **factory,
+            )
+        else:
+            _check_part("query", query, QueryNetwork, dict(dim=dim, heads=heads, dim_head=dim_head), dict(
+                input_dropout=(input_dropout, 0.0), query_dropout=(query_dropout, 0.0),
+                pre_layernorm=(pre_layernorm, False), query_bias=(query_bias, False), query_hidden=(query_hidden, ()),
+                query_hidden_batchnorm=(query_hidden_batchnorm, False), query_norm=(query_norm, "layernorm"),
+            ))
+
+        if product_keys is None:
+            product_keys = ProductKeys(
+                heads, num_keys, dim_head, topk, init=key_init, freeze=freeze_keys, qk_norm=qk_norm,
+                differentiable_topk=differentiable_topk,
+            )
+        else:
+            sizes = dict(heads=heads, num_keys=num_keys, dim_head=dim_head, topk=topk)
+            _check_part("product_keys", product_keys, ProductKeys, sizes, dict(
+                key_init=(key_init, "normal"), freeze_keys=(freeze_keys, False), qk_norm=(qk_norm, False),
+                differentiable_topk=(differentiable_topk, False),
+            ))
+
+        # one option, one meaning: score_softmax and non_competitive_gates choose one activation
         if non_competitive_gates and not score_softmax:
             raise ValueError(
                 "non_competitive_gates replaces the softmax by a ReLU; it cannot be combined with score_softmax=False"
             )
-        _check_choice("key_init", key_init, KEY_INITS)
-        _check_choice("value_init", value_init, VALUE_INITS)
-        if value_dim is not None:
-            check_positive_int("value_dim", value_dim)
-        if not isinstance(query_hidden, (list, tuple)):
-            raise TypeError(f"query_hidden must be a list or tuple of hidden sizes, got {query_hidden!r}")
-        factory = dict(device=device, dtype=dtype)
-
-        self.dim = dim
-        self.heads = heads
-        self.num_keys = num_keys
-        self.topk = topk
-        self.dim_head = dim_head
-        self.num_memories = num_keys**2
-        self.use_layernorm = query_norm == "layernorm"
-        self.query_norm = query_norm
-        self.temperature = float(temperature)
-        self.score_activation = "relu" if non_competitive_gates else ("softmax" if score_softmax else "none")
-        self.score_subtract = score_subtract
-        self.score_normalize = score_normalize
-        self.key_init = key_init
-        self.value_init = value_init
-        self.usage_hook: Optional[Callable[[Tensor, Tensor, Optional[Tensor]], None]] = None
-        self.differentiable_topk = differentiable_topk
-        self.concat_values_and_combine = concat_values_and_combine
-        self.non_competitive_gates = non_competitive_gates
-        if not isinstance(qk_norm, bool):
-            raise TypeError(f"qk_norm must be a bool, got {qk_norm!r}")
-        self.qk_norm = qk_norm
-
-        self.pre_layernorm = nn.LayerNorm(dim, **factory) if pre_layernorm else nn.Identity()
-        self.input_dropout = nn.Dropout(input_dropout)
-        hidden_options = dict(bias=query_bias, batchnorm=query_hidden_batchnorm, **factory)
-        self.query_hidden = QueryMLP(dim, query_hidden, **hidden_options) if query_hidden else None
-        query_in = dim if self.query_hidden is None else self.query_hidden.out_features
-        self.to_queries = nn.Linear(query_in, 2 * heads * dim_head, bias=query_bias, **factory)  # rows (half, head, d)
-        self.norm = make_query_norm(query_norm, heads, dim_head, **factory)
-        self.query_dropout = nn.Dropout(query_dropout)
-        # 0.3.0 layout (heads, num_keys, half, dim_head); searched through a transposed view
-        self.keys = nn.Parameter(torch.empty(heads, num_keys, 2, dim_head, **factory), requires_grad=not freeze_keys)
-        self.attn_dropout = nn.Dropout(attn_dropout)
+        if scoring is None:
+            activation = "relu" if non_competitive_gates else ("softmax" if score_softmax else "none")
+            scoring = Scoring(
+                temperature=temperature, activation=activation, subtract=score_subtract, normalize=score_normalize,
+                dropout=attn_dropout,
+            )
+        else:
+            _check_part("scoring", scoring, Scoring, {}, dict(
+                temperature=(temperature, 1.0), score_softmax=(score_softmax, True),
+                non_competitive_gates=(non_competitive_gates, False), score_subtract=(score_subtract, None),
+                score_normalize=(score_normalize, False), attn_dropout=(attn_dropout, 0.0),
+            ))
 
         if value_dim is None:
             value_dim = dim_head if concat_values_and_combine else dim
-        self.value_dim = value_dim
-        self._owns_values = values is None
+        check_positive_int("value_dim", value_dim)
+        if value_init not in VALUE_INITS:
+            raise ValueError(f"value_init must be one of {VALUE_INITS}, got {value_init!r}")
+        check_bool("sparse_values", sparse_values)
+        self._built_values = values is None
         if values is None:
-            values = nn.EmbeddingBag(self.num_memories, value_dim, mode="sum", sparse=sparse_values, **factory)
+            values = EmbeddingValues(num_keys**2, value_dim, sparse=sparse_values, init=value_init, **factory)
         else:
-            if sparse_values and not getattr(values, "sparse", False):
-                raise ValueError("sparse_values=True needs the shared values module to have sparse=True")
-            weight = getattr(values, "weight", None)
-            got = None if not isinstance(weight, Tensor) else tuple(weight.shape)
-            if callable(getattr(values, "read", None)):  # reads itself; weight may be a slice
-                got = (getattr(values, "num_embeddings", None), getattr(values, "embedding_dim", None))
-            if got != (self.num_memories, value_dim):
-                raise ValueError(
-                    f"values must be a module whose weight has shape (num_keys ** 2, {value_dim}) = "
-                    f"({self.num_memories}, {value_dim}), got table shape {got}"
-                )
-        self.values = values
-        self.combine = nn.Linear(heads * value_dim, dim, bias=False, **factory) if concat_values_and_combine else None
-        project = not concat_values_and_combine and value_dim != dim
-        self.value_proj = nn.Linear(value_dim, dim, bias=False, **factory) if project else None
-        self.value_dropout = nn.Dropout(value_dropout)
-        self.output_norm = nn.LayerNorm(dim, **factory) if norm_output else nn.Identity()
+            _check_part("values", values, ValueTable, dict(num_slots=num_keys**2, dim=value_dim), dict(
+                value_init=(value_init, "normal"),
+            ))
+            if sparse_values and not values.sparse:  # one meaning: the table's own layout decides
+                raise ValueError("sparse_values=True needs the values table passed in to have sparse=True")
 
-        self.register_buffer("pairs", PF.candidate_pairs(topk, device=device), persistent=False)
+        if output is None:
+            output = MemoryOutput(
+                dim, value_dim, heads, concat_heads=concat_values_and_combine, dropout=value_dropout,
+                norm=norm_output, **factory,
+            )
+        else:
+            _check_part("output", output, MemoryOutput, dict(
+                dim=dim, value_dim=value_dim, heads=heads, concat_heads=concat_values_and_combine
+            ), dict(value_dropout=(value_dropout, 0.0), norm_output=(norm_output, False)))
+
+        self._adopt("query", query)
+        self.keys = product_keys.new_keys(**factory)  # (heads, num_keys, 2, dim_head), 0.3.0's layout
+        self.product_keys = product_keys
+        self.scoring = scoring
+        self.values = values
+        self._adopt("output", output)
         self._register_load_state_dict_pre_hook(_rename_legacy_keys)
-        self.reset_parameters()
+
+    def _adopt(self, name: str, part: nn.Module) -> None:
+        # The query network and the output hold their pieces under 0.3.0's names (to_queries,
+        # norm, combine, ...). Registering those pieces on the layer itself, rather than the part
+        # as a child, keeps the state dict's keys and their attribute paths what 0.3.0 saved (and
+        # what DCP, FSDP and Hugging Face loading walk). The part keeps the same module objects,
+        # which moving, sharding or loading never replace; a part with state of its own is an
+        # ordinary child.
+        if part._parameters or part._buffers:
+            self.add_module(name, part)
+            return
+        object.__setattr__(self, name, part)
+        for child_name, child in part._modules.items():  # absent pieces (None) too: pkm.value_proj is None
+            if child_name in self._modules or hasattr(type(self), child_name):
+                raise ValueError(f"{name} has a piece named {child_name!r}, which the layer already uses")
+            self.add_module(child_name, child)
+
+    def train(self, mode: bool = True) -> "PKM":
+        super().train(mode)
+        for part in (self.query, self.output):  # adopted parts are not children: keep their flag in step
+            part.training = mode
+        return self
 
     def reset_parameters(self) -> None:
-        """Keys ~ N(0, 1 / dim_head) (``key_init="normal"``, as 0.3.0) or U(±dim_head ** -0.5)
-        (``"uniform"``); owned values ~ N(0, 1 / value_dim) (as 0.3.0) or zeros; linear
-        layers as ``nn.Linear``."""
-        bound = 1.0 / math.sqrt(self.dim_head)
-        if self.key_init == "uniform":
-            nn.init.uniform_(self.keys, -bound, bound)
-        else:
-            nn.init.normal_(self.keys, std=bound)
-        if self._owns_values:
-            if self.value_init == "zeros":
-                nn.init.zeros_(self.values.weight)
-            else:
-                nn.init.normal_(self.values.weight, std=1.0 / math.sqrt(self.values.weight.shape[-1]))
-        self.to_queries.reset_parameters()
-        parts = (self.query_hidden, self.pre_layernorm, self.norm, self.combine, self.value_proj, self.output_norm)
-        for module in parts:
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+        """Keys as :meth:`ProductKeys.reset_keys_`; the query network and output as their own
+        ``reset_parameters``; the values table too when this layer built it (a table passed
+        in is left as it is)."""
+        self.product_keys.reset_keys_(self.keys)
+        self.query.reset_parameters()
+        self.output.reset_parameters()
+        if self._built_values:
+            self.values.reset_parameters()
 
-    # -- the three stages, usable on their own -------------------------------------------------
+    # sizes and options, read from the parts that hold them
+    heads = property(lambda self: self.product_keys.heads)
+    num_keys = property(lambda self: self.product_keys.num_keys)
+    topk = property(lambda self: self.product_keys.topk)
+    dim_head = property(lambda self: self.product_keys.dim_head)
+    num_memories = property(lambda self: self.values.num_slots)
+    value_dim = property(lambda self: self.values.dim)
+    query_norm = property(lambda self: self.query.norm_kind)
+    use_layernorm = property(lambda self: self.query.norm_kind == "layernorm")
+    qk_norm = property(lambda self: self.product_keys.qk_norm)
+    differentiable_topk = property(lambda self: self.product_keys.differentiable_topk)
+    non_competitive_gates = property(lambda self: self.scoring.activation == "relu")
+    temperature = property(lambda self: self.scoring.temperature)
+    score_activation = property(lambda self: self.scoring.activation)
+    score_subtract = property(lambda self: self.scoring.subtract)
+    score_normalize = property(lambda self: self.scoring.normalize)
+    key_init = property(lambda self: self.product_keys.init)
+    concat_values_and_combine = property(lambda self: self.output.concat_heads)
+
+    # -- the stages, usable on their own -------------------------------------------------------
 
     def queries(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Flat tokens ``(N, dim)`` -> normalised queries ``(N, heads, 2, dim_head)``."""
-        x = self.input_dropout(self.pre_layernorm(x))
-        if self.query_hidden is not None:
-            x = self.query_hidden(x, mask)
-        q = self.to_queries(x).unflatten(-1, (2, self.heads, self.dim_head))  # (N, 2, H, d)
-        q = self.query_dropout(self.norm(q, mask))
-        return q.transpose(1, 2)  # (N, H, 2, d)
+        return self.query(x, mask)
 
     def search(self, queries: Tensor, gumbel_noise_scale: float = 0.0):
         """Queries ``(N, heads, 2, dim_head)`` -> slot weights and slots, ``(N, heads, topk)``."""
-        keys = self.keys.transpose(1, 2)  # (H, 2, num_keys, d), a view: no copy
-        if self.qk_norm:
-            queries, keys = PF.qk_normalize(queries, keys)
-        subkey_topk = _coor_descent_topk if self.differentiable_topk else None
-        if gumbel_noise_scale > 0.0 and self.training:
-            sub = PF.subkey_scores(queries, keys)  # (N, H, 2, num_keys)
-            sub = sub + PF.gumbel_noise_like(sub) * gumbel_noise_scale
-            scores, indices = PF.product_topk(sub, self.topk, subkey_topk=subkey_topk, pairs=self.pairs)
-        else:
-            scores, indices = PF.product_key_search(queries, keys, self.topk, subkey_topk=subkey_topk, pairs=self.pairs)
-        weights = PF.rescore(
-            scores,
-            temperature=self.temperature,
-            activation=self.score_activation,
-            subtract=self.score_subtract,
-            normalize=self.score_normalize,
-        )
-        return self.attn_dropout(weights), indices
+        scores, indices = self.product_keys(queries, self.keys, gumbel_noise_scale)
+        return self.scoring(scores), indices
 
     def read(self, indices: Tensor, weights: Tensor, mem_trainable_mask: Optional[Tensor] = None) -> Tensor:
         """Slots and weights ``(N, heads, topk)`` -> output ``(N, dim)`` before dropout and norm."""
-        if self.combine is not None:
-            per_head = self._value_read(indices, weights, mem_trainable_mask)  # (N, H, d)
-            return self.combine(per_head.flatten(-2))
-        out = self._value_read(indices.flatten(-2), weights.flatten(-2), mem_trainable_mask)  # reads (N, H * topk)
-        return out if self.value_proj is None else self.value_proj(out)
-
-    def _value_read(self, indices: Tensor, weights: Tensor, trainable: Optional[Tensor]) -> Tensor:
-        read = getattr(self.values, "read", None)
-        if callable(read):  # e.g. ShardedValues: its columns live on several processes
-            return read(indices, weights, trainable=trainable)
-        sparse = bool(getattr(self.values, "sparse", False))
-        return PF.value_read(self.values.weight, indices, weights, trainable=trainable, sparse=sparse)
+        if not self.output.concat_heads:  # every head's slots in one bag per token
+            indices, weights = indices.flatten(-2), weights.flatten(-2)
+        return self.output.project(self.values(indices, weights, trainable=mem_trainable_mask))
 
     def forward(
         self,
@@ -319,14 +319,14 @@ class PKM(nn.Module):
             mask = input_mask.reshape(-1)
             x = torch.where(mask.unsqueeze(-1), x, 0.0)  # padded garbage (even NaN) never flows anywhere
 
-        q = self.queries(x, mask)
-        weights, indices = self.search(q, gumbel_noise_scale)
+        q = self.query(x, mask)  # (N, heads, 2, dim_head)
+        scores, indices = self.product_keys(q, self.keys, gumbel_noise_scale)  # (N, heads, topk)
+        weights = self.scoring(scores)
         if mask is not None:
             weights = torch.where(mask.view(-1, 1, 1), weights, 0.0)
-        if self.usage_hook is not None:
-            self.usage_hook(indices, weights, mask)
-        out = self.read(indices, weights.to(self.values.weight.dtype), mem_trainable_mask)
-        out = self.output_norm(self.value_dropout(out))
+        if not self.output.concat_heads:
+            indices, weights = indices.flatten(-2), weights.flatten(-2)  # (N, heads * topk)
+        out = self.output(self.values(indices, weights, trainable=mem_trainable_mask))  # (N, dim)
         if mask is not None:
             out = torch.where(mask.unsqueeze(-1), out, 0.0)
         return out.view(*lead, self.dim)
@@ -338,25 +338,22 @@ class PKM(nn.Module):
             raise ValueError(f"x must have shape (..., dim={self.dim}), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating point tensor, got dtype {x.dtype}")
+        if x.device != self.keys.device:
+            raise ValueError(f"x is on {x.device} but the layer is on {self.keys.device}: move one to the other")
+        if x.dtype != self.keys.dtype and not torch.is_autocast_enabled(x.device.type):
+            # nn.Linear's rule, said plainly
+            raise TypeError(
+                f"x has dtype {x.dtype} but the layer's parameters are {self.keys.dtype}: cast one to the other "
+                f"(x.to({self.keys.dtype}) or layer.to({x.dtype})), or run under torch.autocast"
+            )
         lead = x.shape[:-1]
         if input_mask is not None:
-            if not isinstance(input_mask, Tensor) or input_mask.dtype != torch.bool:
-                got = input_mask.dtype if isinstance(input_mask, Tensor) else type(input_mask).__name__
-                raise TypeError(f"input_mask must be a bool tensor, got {got}")
-            if input_mask.shape != lead:
-                raise ValueError(
-                    f"input_mask must have shape x.shape[:-1] = {tuple(lead)}, got {tuple(input_mask.shape)}"
-                )
+            _check_mask("input_mask", input_mask, tuple(lead), "x.shape[:-1]", x.device)
         if mem_trainable_mask is not None:
-            if not isinstance(mem_trainable_mask, Tensor) or mem_trainable_mask.dtype != torch.bool:
-                got = mem_trainable_mask.dtype if isinstance(mem_trainable_mask, Tensor) else type(mem_trainable_mask).__name__
-                raise TypeError(f"mem_trainable_mask must be a bool tensor, got {got}")
-            if mem_trainable_mask.shape != (self.num_memories,):
-                raise ValueError(
-                    f"mem_trainable_mask must have shape (num_keys ** 2,) = ({self.num_memories},), "
-                    f"got {tuple(mem_trainable_mask.shape)}"
-                )
-        if isinstance(gumbel_noise_scale, bool) or not isinstance(gumbel_noise_scale, (int, float)) or gumbel_noise_scale < 0:
+            _check_mask(
+                "mem_trainable_mask", mem_trainable_mask, (self.num_memories,), "(num_keys ** 2,)", self.keys.device
+            )
+        if isinstance(gumbel_noise_scale, bool) or not isinstance(gumbel_noise_scale, (int, float)) or not gumbel_noise_scale >= 0:
             raise ValueError(f"gumbel_noise_scale must be a non-negative float, got {gumbel_noise_scale!r}")
         return lead
 
@@ -366,9 +363,9 @@ class PKM(nn.Module):
             if getattr(self, flag):
                 s += f", {flag}=True"
         default_value_dim = self.dim_head if self.concat_values_and_combine else self.dim
+        hidden = self.query.query_hidden
         options = (
-            ("query_hidden", None if self.query_hidden is None else self.query_hidden.sizes, None),
-            ("query_bias", self.to_queries.bias is not None, False),
+            ("query_hidden", None if hidden is None else hidden.sizes, None),
             ("query_norm", self.query_norm, "layernorm"),
             ("temperature", self.temperature, 1.0),
             ("score_softmax", self.score_activation != "none", True),
@@ -376,24 +373,37 @@ class PKM(nn.Module):
             ("score_normalize", self.score_normalize, False),
             ("value_dim", self.value_dim, default_value_dim),
             ("key_init", self.key_init, "normal"),
-            ("value_init", self.value_init, "normal"),
-            ("freeze_keys", not self.keys.requires_grad, False),
-            ("sparse_values", bool(getattr(self.values, "sparse", False)), False),
+            ("freeze_keys", self.product_keys.freeze, False),
+            ("sparse_values", self.values.sparse, False),
         )
-        for name, value, default in options:
-            if value != default:
-                s += f", {name}={value!r}"
-        return s
+        return s + "".join(f", {name}={value!r}" for name, value, default in options if value != default)
 
 
 ProductKeyMemory = PKM
 
 
-def _coor_descent_topk(scores: Tensor, k: int):
-    from colt5_attention import topk as coor_descent_topk
+def _check_mask(name: str, mask, shape: tuple, shape_name: str, device: torch.device) -> None:
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"{name} must be a bool tensor, got {got}")
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape_name} = {shape}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but must be on {device}, with the layer")
 
-    values, indices, *_ = coor_descent_topk(scores, k=k, fused=True)
-    return values, indices
+
+def _check_part(name: str, part, cls: type, sizes: dict, options: dict) -> None:
+    """A part passed in: the right type, the sizes given, and no options that would build it."""
+    if not isinstance(part, cls):
+        hint = " (ValuePool(num_keys, dim) is a table to share between layers)" if cls is ValueTable else ""
+        raise TypeError(f"{name} must be a {cls.__name__}{hint}, got {type(part).__name__}")
+    for size, expected in sizes.items():
+        got = getattr(part, size)
+        if got != expected:
+            raise ValueError(f"{name}.{size} is {got!r} but the layer has {size}={expected!r}; pass matching sizes")
+    given = sorted(option for option, (value, default) in options.items() if value != default)
+    if given:
+        raise ValueError(f"pass either {name}= or the options that build it, got {name}= and {given}")
 
 
 _LEGACY_NAMES = {"maybe_concat_combine.2.weight": "combine.weight"}
@@ -403,4 +413,9 @@ def _rename_legacy_keys(state_dict, prefix, *args):
     # product-key-memory 0.3.0 kept the concat projection inside an nn.Sequential
     for old, new in _LEGACY_NAMES.items():
         if prefix + old in state_dict:
+            if prefix + new in state_dict:
+                raise ValueError(
+                    f"state_dict holds both {prefix + old!r} (product-key-memory 0.3.0's name) and {prefix + new!r}: "
+                    "keep one"
+                )
             state_dict[prefix + new] = state_dict.pop(prefix + old)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from torch import nn
-
-from ._checks import check_positive_int
+from ._checks import check_bool, check_positive_int
+from .tables import EmbeddingValues
 
 __all__ = ["ValuePool"]
 
 
-class ValuePool(nn.EmbeddingBag):
+class ValuePool(EmbeddingValues):
     r"""One ``(num_keys ** 2, dim)`` value table for several layers, each with its own keys.
 
     Memory+ (Berges et al. 2024, arXiv 2412.09764) lets every memory layer of a model read
@@ -42,15 +41,9 @@ class ValuePool(nn.EmbeddingBag):
     def __init__(self, num_keys: int, dim: int, *, sparse: bool = False, device=None, dtype=None):
         for name, value in (("num_keys", num_keys), ("dim", dim)):
             check_positive_int(name, value)
-        if not isinstance(sparse, bool):
-            raise TypeError(f"sparse must be a bool, got {sparse!r}")
-        super().__init__(num_keys**2, dim, mode="sum", sparse=sparse, device=device, dtype=dtype)
+        check_bool("sparse", sparse)
         self.num_keys = num_keys
-
-    def reset_parameters(self) -> None:
-        """Values ~ ``N(0, 1 / dim)``, the init :class:`PKM` gives its own table."""
-        nn.init.normal_(self.weight, std=self.embedding_dim**-0.5)
+        super().__init__(num_keys**2, dim, sparse=sparse, device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
-        s = f"num_keys={self.num_keys}, dim={self.embedding_dim}"
-        return s + (", sparse=True" if self.sparse else "")
+        return f"num_keys={self.num_keys}, dim={self.dim}" + (", sparse=True" if self.sparse else "")

@@ -1,10 +1,10 @@
-"""Parts of the query network: hidden layers before the query projection and the query norms.
+"""The query network: tokens ``(N, dim)`` -> half-queries ``(N, heads, 2, dim_head)``.
 
-The PKM computes ``norm(to_queries(hidden(x)))``: ``hidden`` is an optional
-:class:`QueryMLP`, ``to_queries`` a linear map to ``2 * heads * dim_head`` features
-ordered ``(half, head, d)``, ``norm`` one of :data:`QUERY_NORMS` (built by
-:func:`query_norm`). Every norm takes the token mask so padding never enters
-batch statistics.
+:class:`QueryNetwork` computes ``dropout(norm(to_queries(hidden(dropout(pre_norm(x))))))``:
+``hidden`` is an optional :class:`QueryMLP`, ``to_queries`` a linear map to
+``2 * heads * dim_head`` features ordered ``(half, head, d)``, ``norm`` one of
+:data:`QUERY_NORMS` (built by :func:`query_norm`). Every norm takes the token mask so
+padding never enters batch statistics.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from typing import Optional, Sequence
 
 from torch import Tensor, nn
 
+from ._checks import check_choice, check_positive_int, check_probability
 from .norms import MaskedBatchNorm, QueryLayerNorm
 
-__all__ = ["QueryMLP", "ChannelBatchNorm", "IdentityNorm", "query_norm", "QUERY_NORMS"]
+__all__ = ["QueryNetwork", "QueryMLP", "ChannelBatchNorm", "IdentityNorm", "query_norm", "QUERY_NORMS"]
 
 QUERY_NORMS = ("layernorm", "batchnorm", "channel_batchnorm", "none")
 
@@ -111,3 +112,82 @@ def query_norm(kind: str, heads: int, dim_head: int, *, device=None, dtype=None)
     if kind == "none":
         return IdentityNorm()
     raise ValueError(f"query_norm must be one of {QUERY_NORMS}, got {kind!r}")
+
+
+class QueryNetwork(nn.Module):
+    r"""The query network of a product-key memory: one query per head, split in two halves.
+
+    Args:
+        dim: input features.
+        heads: queries per token.
+        dim_head: size of each half-query.
+
+    Keyword-only args:
+        pre_norm: LayerNorm the input first (``pre_layernorm``).
+        input_dropout: dropout on the (normalised) input.
+        hidden: sizes of hidden layers before the projection, each ``Linear, [BatchNorm], ReLU``.
+        hidden_batchnorm: a masked batch norm after each hidden linear layer.
+        bias: biases in the projection and hidden layers.
+        norm: the query norm, one of :data:`QUERY_NORMS`.
+        query_dropout: dropout on the normalised queries.
+        device, dtype: factory kwargs.
+
+    Its pieces keep product-key-memory 0.3.0's names (``pre_layernorm``, ``to_queries``,
+    ``norm``, plus ``query_hidden``); a :class:`~product_key_memory.PKM` holds them under
+    those names, so its state dict is 0.3.0's.
+
+    Shape:
+        - x: ``(N, dim)``; mask: ``(N,)`` bool or ``None`` (padding, left out of batch statistics).
+        - output: ``(N, heads, 2, dim_head)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        *,
+        pre_norm: bool = False,
+        input_dropout: float = 0.0,
+        hidden: Sequence[int] = (),
+        hidden_batchnorm: bool = False,
+        bias: bool = False,
+        norm: str = "layernorm",
+        query_dropout: float = 0.0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        for name, value in (("dim", dim), ("heads", heads), ("dim_head", dim_head)):
+            check_positive_int(name, value)
+        check_probability("input_dropout", input_dropout)
+        check_probability("query_dropout", query_dropout)
+        check_choice("norm", norm, QUERY_NORMS)
+        if not isinstance(hidden, (list, tuple)):
+            raise TypeError(f"hidden must be a list or tuple of hidden sizes, got {hidden!r}")
+        factory = dict(device=device, dtype=dtype)
+        self.dim, self.heads, self.dim_head, self.norm_kind = dim, heads, dim_head, norm
+        self.pre_layernorm = nn.LayerNorm(dim, **factory) if pre_norm else nn.Identity()
+        self.input_dropout = nn.Dropout(input_dropout)
+        hidden_layers = QueryMLP(dim, hidden, bias=bias, batchnorm=hidden_batchnorm, **factory) if hidden else None
+        self.register_module("query_hidden", hidden_layers)  # registered even when absent (None)
+        query_in = dim if self.query_hidden is None else self.query_hidden.out_features
+        self.to_queries = nn.Linear(query_in, 2 * heads * dim_head, bias=bias, **factory)  # rows (half, head, d)
+        self.norm = query_norm(norm, heads, dim_head, **factory)
+        self.query_dropout = nn.Dropout(query_dropout)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        x = self.input_dropout(self.pre_layernorm(x))
+        if self.query_hidden is not None:
+            x = self.query_hidden(x, mask)
+        q = self.to_queries(x).unflatten(-1, (2, self.heads, self.dim_head))  # (N, 2, H, d)
+        q = self.query_dropout(self.norm(q, mask))
+        return q.transpose(1, 2)  # (N, H, 2, d)
+
+    def reset_parameters(self) -> None:
+        for module in (self.pre_layernorm, self.query_hidden, self.to_queries, self.norm):
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.heads}, dim_head={self.dim_head}, norm={self.norm_kind!r}"

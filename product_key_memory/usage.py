@@ -1,18 +1,21 @@
 """Is the memory being used? The memory-usage diagnostics of arXiv 1907.05242.
 
 :class:`MemoryUsageTracker` counts, on the device and without a host sync, how often
-each slot of every PKM layer of a model is read and how much softmax weight it
-receives; :func:`usage_statistics` turns those counts into numbers and
+each slot of every value table (:class:`~product_key_memory.ValueTable`) of a model is
+read and how much weight it receives; :func:`usage_statistics` turns those counts into numbers and
 :func:`save_usage_plot` into a picture (matplotlib, the ``plot`` extra).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Dict, Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
+
+from .tables import ValueTable
 
 __all__ = ["MemoryUsageTracker", "usage_statistics", "save_usage_plot", "MASS_LEVELS"]
 
@@ -20,14 +23,18 @@ MASS_LEVELS = (0.5, 0.9, 0.99)
 
 
 class _LayerUsage:
-    """Per-layer accumulator installed as ``PKM.usage_hook``: slot read counts and weight mass.
+    """Per-table accumulator, a forward hook of the table: slot read counts and weight mass.
 
-    One extra bin at the end takes the reads of padded tokens, so masking needs no
-    boolean indexing (a data-dependent shape, hence a host sync) and is dropped on read-out.
+    A read counts when its weight is not zero (a padded token's weights are zero, and a
+    slot read with weight 0 adds nothing to the output). One extra bin at the end takes
+    the other reads, so masking needs no boolean indexing (a data-dependent shape, hence
+    a host sync) and is dropped on read-out. Calls from any module but the one it was
+    attached to (a deep copy of it, say) are ignored.
     """
 
-    def __init__(self, num_memories: int):
+    def __init__(self, num_memories: int, table: Optional[nn.Module] = None):
         self.num_memories = num_memories
+        self.table = None if table is None else weakref.ref(table)
         self.reads: Optional[Tensor] = None
         self.mass: Optional[Tensor] = None
         self.tokens: Optional[Tensor] = None
@@ -38,6 +45,20 @@ class _LayerUsage:
         self.reads = torch.zeros(self.num_memories + 1, dtype=torch.long, device=device)
         self.mass = torch.zeros(self.num_memories + 1, dtype=mass_dtype, device=device)
         self.tokens = torch.zeros((), dtype=torch.long, device=device)
+
+    def hook(self, module: nn.Module, args, kwargs, output) -> None:
+        """``register_forward_hook(..., with_kwargs=True)`` signature: the table was called as
+        ``table(indices, weights, trainable=...)``."""
+        if self.table is None or self.table() is not module:
+            return
+        indices = args[0]
+        weights = args[1] if len(args) > 1 else kwargs.get("weights")
+        if weights is None:
+            weights = torch.ones(indices.shape, device=indices.device)
+        indices, weights = indices.reshape(-1, indices.shape[-1]), weights.reshape(-1, indices.shape[-1])
+        live = weights.detach() != 0
+        # rows with every weight zero (padding) are not tokens; zero-weight reads are not reads
+        self(torch.where(live, indices, self.num_memories), weights, live.any(-1))
 
     @torch.no_grad()
     def __call__(self, indices: Tensor, weights: Tensor, mask: Optional[Tensor]) -> None:
@@ -72,15 +93,20 @@ class _LayerUsage:
 
 
 class MemoryUsageTracker:
-    """Counts slot reads of every PKM layer of ``model`` while attached.
+    """Counts slot reads of every value table of ``model`` while attached.
 
-    Opt-in: nothing is counted until the tracker is attached (``with tracker:`` or
-    :meth:`attach`); it then sets each layer's ``usage_hook``. Counts live on the
-    layers' device and survive detaching until :meth:`reset`. Padded tokens
-    (``input_mask`` ``False``) are not counted.
+    The tables are the model's :class:`~product_key_memory.ValueTable` modules, whatever
+    layer reads them (a :class:`PKM`, a :class:`MemoryPlus`, a memory of your own); each
+    is named by its path without a trailing ``.values`` (``"blocks.2.ff"``), and a table
+    shared by several layers is counted once, for all of them. Opt-in: nothing is counted
+    until the tracker is attached (``with tracker:`` or :meth:`attach`), which adds a
+    forward hook to each table. Counts live on the tables' device and survive detaching
+    until :meth:`reset`. A read counts when its weight is not zero, so padded tokens
+    (``input_mask`` ``False``) are not counted; ``tokens`` counts the bags read with any
+    non-zero weight (tokens, or token-heads with ``concat_values_and_combine``).
 
     Args:
-        model: a module containing :class:`~product_key_memory.PKM` layers (or one).
+        model: a module containing value tables (or one).
 
     Examples::
 
@@ -93,35 +119,35 @@ class MemoryUsageTracker:
     """
 
     def __init__(self, model: nn.Module):
-        from .pkm import PKM
-
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.layers: Dict[str, nn.Module] = {
-            (name or "pkm"): m for name, m in model.named_modules() if isinstance(m, PKM)
-        }
+        self.layers: Dict[str, nn.Module] = {}
+        for name, m in model.named_modules():  # shared tables come once
+            if isinstance(m, ValueTable):
+                # the layer's path names its table; a lone layer's table is "pkm", a lone table "table"
+                short = "pkm" if name == "values" else name[: -len(".values")] if name.endswith(".values") else name
+                self.layers[short or "table"] = m
         if not self.layers:
-            raise ValueError(f"model ({type(model).__name__}) contains no PKM layer to track")
-        self._usage = {name: _LayerUsage(m.num_memories) for name, m in self.layers.items()}
+            raise ValueError(f"model ({type(model).__name__}) contains no value table (ValueTable) to track")
+        self._usage = {name: _LayerUsage(m.num_slots, m) for name, m in self.layers.items()}
+        self._handles = []
         self.attached = False
 
     def attach(self) -> "MemoryUsageTracker":
-        """Start counting: install the hooks (fails if another tracker is attached)."""
-        if self.attached:
-            return self
-        busy = [name for name, m in self.layers.items() if m.usage_hook is not None]
-        if busy:
-            raise RuntimeError(f"PKM layers {busy} already have a usage_hook (another tracker attached?)")
-        for name, m in self.layers.items():
-            m.usage_hook = self._usage[name]
-        self.attached = True
+        """Start counting: add a forward hook to every table."""
+        if not self.attached:
+            self._handles = [
+                table.register_forward_hook(self._usage[name].hook, with_kwargs=True)
+                for name, table in self.layers.items()
+            ]
+            self.attached = True
         return self
 
     def detach(self) -> None:
         """Stop counting; the counts are kept."""
-        for name, m in self.layers.items():
-            if m.usage_hook is self._usage[name]:
-                m.usage_hook = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         self.attached = False
 
     def __enter__(self) -> "MemoryUsageTracker":
@@ -138,10 +164,11 @@ class MemoryUsageTracker:
     def counts(self, layer: str) -> Dict[str, Tensor]:
         """Raw device tensors of ``layer``: ``reads`` and ``mass`` ``(num_keys ** 2,)``, ``tokens``."""
         if layer not in self._usage:
-            raise KeyError(f"no tracked PKM layer {layer!r}; tracked: {list(self._usage)}")
+            raise KeyError(f"no tracked table {layer!r}; tracked: {list(self._usage)}")
         usage = self._usage[layer]
         if usage.reads is None:
-            usage._allocate(self.layers[layer].keys.device)
+            table = self.layers[layer]
+            usage._allocate(next(iter(table.buffers()), next(table.parameters(), torch.empty(0))).device)
         return usage.counts()
 
     def stats(self, layers: Optional[Iterable[str]] = None) -> Dict[str, Dict[str, float]]:

@@ -96,8 +96,8 @@ def from_xlm(state_dict: Mapping[str, Tensor], *, topk: int, prefix: str = "", *
     ``mem_sparse``                ``sparse_values``
     input/query/value dropout     ``input_dropout``, ``query_dropout``, ``value_dropout``
     keys not learned              ``freeze_keys=True``
-    ``mem_share_values``          ``values=`` the shared table (an ``nn.EmbeddingBag``
-                                  holding the reference table, made once)
+    ``mem_share_values``          ``values=`` the shared table (an ``EmbeddingValues``
+                                  or ``ValuePool`` holding the reference table, made once)
     ===========================  ================================================
 
     Layouts: the reference keys ``(heads, 2, n_keys, k_dim / 2)`` become ``keys``

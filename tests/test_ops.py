@@ -147,12 +147,12 @@ def test_value_read_gradcheck_float64(weighted):
     values = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
     idx = torch.randint(0, 12, (4, 3))
     w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True) if weighted else None
-    fn = lambda v, *ws: ops.ValueRead.apply(v, idx, ws[0] if ws else None, None, False)  # noqa: E731
+    fn = lambda v, *ws: ops.value_read(v, idx, ws[0] if ws else None)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (values,) + ((w,) if weighted else ()))
     # a trainable mask blocks value gradients on purpose; the weight gradient stays exact
     trainable = torch.rand(12) < 0.5
     if weighted:
-        fn = lambda ws: ops.ValueRead.apply(values.detach(), idx, ws, trainable, False)  # noqa: E731
+        fn = lambda ws: ops.value_read(values.detach(), idx, ws, trainable)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (w,))
 
 
@@ -286,7 +286,7 @@ def test_gradient_rows_are_weighted_sums_of_bag_gradients(dtype):
     bag_of_read = torch.tensor([0, 4, 5, 1, 1, 3])
     psw = torch.randn(6, dtype=dtype)
     want = torch.stack([psw[0] * g[0] + psw[1] * g[4], psw[2] * g[5], psw[3] * g[1] + psw[4] * g[1] + psw[5] * g[3]])
-    assert_close(ops._rows_from_bags(g, counts, bag_of_read, psw), want, **TOL[dtype])
+    assert_close(ops.cpu._rows_from_bags(g, counts, bag_of_read, psw), want, **TOL[dtype])
 
 
 def test_empty_hugepage_is_an_ordinary_tensor():

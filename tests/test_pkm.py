@@ -202,7 +202,7 @@ def test_shared_value_table():
         (dict(topk=9), ValueError, "topk must be at most num_keys=8, got topk=9"),
         (dict(dim_head=True), ValueError, "dim_head must be a positive int, got True"),
         (dict(attn_dropout=1.0), ValueError, r"attn_dropout must be a float in \[0, 1\), got 1.0"),
-        (dict(values=torch.nn.Embedding(10, 12)), ValueError, r"values must be a module whose weight has shape"),
+        (dict(values=torch.nn.Embedding(10, 12)), TypeError, r"values must be a ValueTable .*got Embedding"),
         (dict(bogus=1), TypeError, "bogus"),
     ],
 )

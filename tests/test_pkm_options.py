@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from product_key_memory import PKM, fetch_optimizer_parameters, fetch_pkm_value_parameters
+from product_key_memory import EmbeddingValues, PKM, fetch_optimizer_parameters, fetch_pkm_value_parameters
 from product_key_memory.norms import MaskedBatchNorm
 
 
@@ -174,7 +174,7 @@ def test_sparse_values_train_with_sparse_adam():
 
 
 def test_shared_table_with_options():
-    table = nn.EmbeddingBag(64, 12, mode="sum", sparse=True)
+    table = EmbeddingValues(64, 12, sparse=True)
     model = nn.ModuleList(
         [PKM(16, heads=2, num_keys=8, topk=2, dim_head=4, values=table, value_dim=12, sparse_values=True,
              query_norm="channel_batchnorm"),
@@ -192,7 +192,9 @@ def test_shared_table_with_options():
     slots = torch.cat([m.search(m.queries(x))[1].reshape(-1) for m in model]).unique()
     assert torch.equal(g.indices()[0].unique(), slots)
     with pytest.raises(ValueError, match="sparse"):
-        PKM(16, heads=2, num_keys=8, topk=2, dim_head=4, values=nn.EmbeddingBag(64, 16), sparse_values=True)
+        PKM(16, heads=2, num_keys=8, topk=2, dim_head=4, values=EmbeddingValues(64, 16), sparse_values=True)
+    with pytest.raises(TypeError, match="values must be a ValueTable .*ValuePool.*got EmbeddingBag"):
+        PKM(16, heads=2, num_keys=8, topk=2, dim_head=4, values=nn.EmbeddingBag(64, 16))
     with pytest.raises(ValueError, match="values"):
         PKM(16, heads=2, num_keys=8, topk=2, dim_head=4, values=table)  # value_dim defaults to dim=16
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from product_key_memory import PKM, MemoryUsageTracker, save_usage_plot, usage_statistics
+from product_key_memory import PKM, MemoryPlus, MemoryUsageTracker, ValuePool, ValueTable, save_usage_plot, usage_statistics
 
 
 def small_pkm(**kw):
@@ -51,9 +51,10 @@ def test_tracker_counts_known_indices_and_skips_padding():
     tracker = MemoryUsageTracker(pkm)
     indices = torch.tensor([[[0, 5], [5, 15]], [[3, 3], [1, 2]], [[7, 7], [7, 7]]])  # (tokens 3, heads 2, topk 2)
     weights = torch.tensor([[[0.75, 0.25], [0.5, 0.5]], [[0.5, 0.5], [0.9, 0.1]], [[1.0, 0.0], [0.5, 0.5]]])
-    mask = torch.tensor([True, True, False])  # token 2 is padding
+    mask = torch.tensor([True, True, False])  # token 2 is padding: the layer reads it with weight 0
+    weights = torch.where(mask.view(-1, 1, 1), weights, 0.0)
     with tracker:
-        pkm.usage_hook(indices, weights, mask)
+        pkm.values(indices.flatten(-2), weights.flatten(-2))  # how the layer reads its table
     c = tracker.counts("pkm")
     expected_reads = torch.zeros(16, dtype=torch.long)
     for slot, n in {0: 1, 5: 2, 15: 1, 3: 2, 1: 1, 2: 1}.items():
@@ -91,36 +92,65 @@ def test_tracker_end_to_end_matches_search_on_real_tokens():
     assert int(tracker.counts("3")["reads"].sum()) == 0  # not called
 
 
-def test_tracker_is_opt_in_resettable_and_exclusive():
+def test_tracker_is_opt_in_resettable_and_independent():
     pkm = small_pkm()
     x = torch.randn(4, 16)
     pkm(x)
-    assert pkm.usage_hook is None
-    tracker = MemoryUsageTracker(pkm)
+    tracker, other = MemoryUsageTracker(pkm), MemoryUsageTracker(pkm)
     with tracker:
         pkm(x)
-        pkm(x)
-        with pytest.raises(RuntimeError, match="usage_hook"):
-            MemoryUsageTracker(pkm).attach()
-    assert pkm.usage_hook is None
+        with other:  # two trackers count side by side
+            pkm(x)
+    assert not pkm.values._forward_hooks
     assert tracker.stats()["pkm"]["reads"] == 2 * 4 * 2 * 2
+    assert other.stats()["pkm"]["reads"] == 4 * 2 * 2
     pkm(x)  # detached: not counted
     assert tracker.stats()["pkm"]["tokens"] == 8
     tracker.reset()
     assert tracker.stats()["pkm"]["reads"] == 0
-    with pytest.raises(ValueError, match="no PKM"):
+    with pytest.raises(ValueError, match="no value table"):
         MemoryUsageTracker(nn.Linear(2, 2))
     with pytest.raises(KeyError, match="tracked"):
         tracker.counts("nope")
 
 
-def test_tracker_follows_a_shared_table_per_layer():
-    table = nn.EmbeddingBag(16, 16, mode="sum")
-    model = nn.ModuleList([small_pkm(values=table), small_pkm(values=table)])
+def test_tracker_counts_a_shared_table_once_for_every_layer():
+    table = ValuePool(4, 16)
+    model = nn.ModuleList([small_pkm(values=table), MemoryPlus(16, heads=2, num_keys=4, topk=2, dim_head=8, values=table)])
     tracker = MemoryUsageTracker(model)
+    assert list(tracker.layers) == ["0"]
     with tracker:
         model[0](torch.randn(3, 16))
-    assert tracker.stats()["0"]["reads"] == 12 and tracker.stats()["1"]["reads"] == 0
+        assert tracker.stats()["0"]["reads"] == 12
+        model[1](torch.randn(3, 16))
+    assert tracker.stats()["0"]["reads"] == 24
+
+
+class OwnTable(ValueTable):
+    """A table of the user's own: rows are a fixed pattern plus a learned bias per slot."""
+
+    def __init__(self, num_slots, dim):
+        super().__init__(num_slots, dim)
+        self.bias = nn.Parameter(torch.zeros(num_slots))
+
+    def reset_parameters(self):
+        nn.init.zeros_(self.bias)
+
+    def read(self, indices, weights, *, trainable=None):
+        rows = torch.arange(self.dim, dtype=self.bias.dtype) + self.bias[indices].unsqueeze(-1)
+        return (rows * weights.unsqueeze(-1)).sum(-2)
+
+
+def test_tracker_finds_a_table_of_the_users_own_inside_memory_plus():
+    memory = small_pkm(values=OwnTable(16, 16))
+    model = nn.Sequential(nn.Linear(16, 16), MemoryPlus(16, memory=memory))
+    tracker = MemoryUsageTracker(model)
+    assert list(tracker.layers) == ["1.memory"]
+    x = torch.randn(5, 16)
+    with tracker:
+        model(x)
+    weights, indices = memory.search(memory.queries(model[0](x)))
+    assert torch.equal(tracker.counts("1.memory")["reads"], torch.bincount(indices.reshape(-1), minlength=16))
 
 
 def test_save_usage_plot(tmp_path):
@@ -148,6 +178,6 @@ def test_tracker_does_not_sync_on_cuda():
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # any host sync inside the hook raises
         try:
-            pkm.usage_hook(indices, weights, mask)
+            pkm.values(indices.flatten(-2), torch.where(mask.view(-1, 1, 1), weights, 0.0).flatten(-2))
         finally:
             torch.cuda.set_sync_debug_mode("default")

@@ -22,7 +22,6 @@ from typing import Iterable, Union
 
 from torch import nn
 
-from .. import functional as PF
 from ..pkm import PKM
 
 __all__ = ["add_pkm", "apply_pkm_from_config", "find_blocks", "from_pretrained", "CONFIG_KEY"]
@@ -108,12 +107,7 @@ def from_pretrained(model_cls, pretrained_model_name_or_path, *args, **kwargs):
 
         config = kwargs.get("config") or AutoConfig.from_pretrained(pretrained_model_name_or_path)
         model_cls = model_cls._model_mapping[type(config)]
-    model = _with_pkm(model_cls).from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-    for module in model.modules():
-        if isinstance(module, PKM):
-            # from_pretrained leaves non-persistent buffers uninitialised; the candidate pairs depend on topk only
-            module.pairs = PF.candidate_pairs(module.topk, device=module.keys.device)
-    return model
+    return _with_pkm(model_cls).from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
 def _with_pkm(model_cls):

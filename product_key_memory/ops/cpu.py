@@ -1,0 +1,251 @@
+"""The ``torch`` backend: PyTorch ops arranged for speed on the CPU (and any device).
+
+Checked against ``ops.reference`` in the tests. What each piece saves, measured with
+``benchmarks/bench_pkm.py``:
+
+* :func:`search`: sub-key scores by one batched GEMM per query half straight from the
+  stored ``(heads, num_keys, 2, dim_key)`` keys (no re-layout copy, which dominates a
+  decoding step), top-k of each half, and only the ``(a + 1) * (b + 1) <= topk``
+  candidate pairs instead of the ``topk ** 2`` grid.
+* :func:`value_read_backward`: sorts the reads by slot once: the weight gradient then
+  walks the table front to back (each row fetched once), and the value gradient is
+  built from the touched rows only (or returned as those rows alone, for a sparse
+  gradient), so a training step does not scan the whole table. Its buffer is hinted
+  to huge pages (Linux).
+
+Ties: :func:`topk_lower_index` selects like a stable sort (on equal scores the lower
+index wins), the rule of every backend.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import sys
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "topk_lower_index",
+    "candidate_pairs",
+    "half_scores",
+    "search",
+    "value_read",
+    "value_read_backward",
+    "value_read_backward_rows",
+    "empty_hugepage",
+]
+
+_LOW32 = (1 << 32) - 1
+
+
+def _order_code(x: Tensor) -> Tensor:
+    """int64 codes of float32 ``x`` that order like the values (``-0.0`` equals ``+0.0``)."""
+    bits = (x.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()  # negative floats: flip the magnitude bits
+
+
+def _from_order_code(code: Tensor) -> Tensor:
+    bits = code.int()
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(torch.float32)  # the map is its own inverse
+
+
+def topk_lower_index(x: Tensor, k: int, index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``x.topk(k)`` along the last dim, best first, where equal values go to the lower index.
+
+    ``index`` (the shape of ``x``, values in ``[0, 2 ** 32)``) is what is returned and
+    compared on ties instead of the position. A float32 code of each value and its index
+    share one int64 key, so a single ``topk`` selects both and the values come back
+    exactly from the key; float64 input (gradcheck) takes a stable sort instead.
+    """
+    if index is None:
+        index = torch.arange(x.shape[-1], device=x.device).expand_as(x)
+    if x.dtype == torch.float64:
+        index, order = index.sort(dim=-1, stable=True)
+        values, pos = x.gather(-1, order).sort(dim=-1, descending=True, stable=True)
+        return values[..., :k], index.gather(-1, pos[..., :k])
+    best = ((_order_code(x) << 32) | (_LOW32 - index)).topk(k, dim=-1).values
+    return _from_order_code(best >> 32), _LOW32 - (best & _LOW32)
+
+
+def candidate_pairs(topk: int, device: Optional[torch.device] = None) -> Tensor:
+    """Positions ``(a, b)`` in two descending top-k lists whose sum can reach the top-k.
+
+    The pair ``(a, b)`` is beaten, or tied and preceded by a lower slot, by every
+    ``(a', b') != (a, b)`` with ``a' <= a, b' <= b``: ``(a + 1) * (b + 1) - 1`` others. So
+    only pairs with ``(a + 1) * (b + 1) <= topk`` can be among the ``topk`` best: about
+    ``topk * ln(topk)`` of the ``topk ** 2`` grid.
+
+    Returns:
+        long tensor ``(2, num_pairs)``: row 0 the positions in the first list, row 1 in the second.
+    """
+    return _candidate_pairs(topk, torch.device("cpu") if device is None else torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _candidate_pairs(topk: int, device: torch.device) -> Tensor:
+    # derived from topk alone, so a cache (not a module buffer) holds it: nothing to rebuild after
+    # meta-device construction, to_empty or loading
+    pairs = [(a, b) for a in range(topk) for b in range(topk // (a + 1))]
+    return torch.tensor(pairs, dtype=torch.long, device=device).t().contiguous()
+
+
+def half_scores(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """Sub-key scores of each query half, ``(heads, N, num_keys)`` each.
+
+    ``queries`` is ``(N, heads, 2, dim_key)`` and ``keys`` ``(heads, 2, num_keys, dim_key)``,
+    both in any strides with a unit last stride (the module's keys are a transposed
+    view of its ``(heads, num_keys, 2, dim_key)`` parameter): each half is a strided
+    matrix BLAS reads in place, so nothing is copied.
+    """
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        q, k = queries.to(dtype), keys.to(dtype)
+        return tuple(torch.bmm(q[:, :, p].transpose(0, 1), k[:, p].transpose(1, 2)) for p in (0, 1))
+
+
+def search(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
+    """``(N, heads, 2, dim_key)`` queries -> ``scores, slots`` ``(N, heads, topk)``, best first."""
+    num_keys = keys.shape[-2]
+    dtype = torch.promote_types(torch.promote_types(queries.dtype, keys.dtype), torch.float32)
+    s1, s2 = half_scores(queries, keys, dtype)  # (H, N, num_keys) each
+    v1, i1 = topk_lower_index(s1, topk)  # (H, N, topk), best first
+    v2, i2 = topk_lower_index(s2, topk)
+    a, b = candidate_pairs(topk, queries.device)
+    cand = v1.index_select(-1, a) + v2.index_select(-1, b)  # (H, N, P)
+    cand_slots = i1.index_select(-1, a) * num_keys + i2.index_select(-1, b)
+    scores, slots = topk_lower_index(cand, topk, cand_slots)
+    return scores.transpose(0, 1).contiguous(), slots.transpose(0, 1).contiguous()  # (N, H, topk), as the op promises
+
+
+# -- large fresh buffers ----------------------------------------------------------------------
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+@functools.lru_cache(maxsize=None)
+def _madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def empty_hugepage(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.empty`` that asks Linux to back a large CPU buffer with transparent huge pages.
+
+    A value gradient or an optimizer state is tens of MiB to GiB of freshly mapped
+    memory; faulting it in 2 MiB pages instead of 4 KiB ones is several times
+    faster and makes later random row accesses miss the TLB far less (what
+    ``THP_MEM_ALLOC_ENABLE=1`` does for every torch allocation, here only for these
+    buffers). A hint only: elsewhere, or if the kernel declines, this is ``torch.empty``.
+    """
+    t = torch.empty(*shape, dtype=dtype, device=device)
+    nbytes = t.numel() * t.element_size()
+    madvise = _madvise() if t.device.type == "cpu" and nbytes >= 4 * _HUGE_PAGE else None
+    if madvise is not None:
+        start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+        end = (t.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+        madvise(start, end - start, _MADV_HUGEPAGE)  # failure leaves ordinary pages: nothing to handle
+    return t
+
+
+# -- value read -----------------------------------------------------------------------------
+
+
+def _weight_grad(grad_out: Tensor, values: Tensor, m: int, slots: Tensor, order: Tensor) -> Tensor:
+    """``d out / d weights``: each read's dot product of its bag's output gradient with its row.
+
+    Computed in slot order, so the table is walked front to back and a row read by
+    several bags is fetched once from memory: about 3x faster than in read order on
+    a table larger than the cache (the same numbers, each dot product is unchanged).
+    """
+    offsets = torch.zeros(1, dtype=slots.dtype, device=slots.device)  # only checked, not used, by the kernel
+    bag_of_read = order.div(m, rounding_mode="floor")
+    g = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        grad_out.contiguous(), values, slots, offsets, bag_of_read, 0, -1
+    )
+    return torch.empty_like(g).index_copy_(0, order, g)
+
+
+def _touched_reads(
+    slots: Tensor, order: Tensor, weights: Optional[Tensor], trainable: Optional[Tensor]
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The reads sorted by slot (``slots = indices.flatten()[order]``), less those that add
+    nothing to a value gradient: weight 0 (padding, ReLU-gated zeros) or a row outside
+    ``trainable``. Returns ``(slots, order, w)``, ``w`` their weights."""
+    w = None if weights is None else weights.reshape(-1).index_select(0, order)
+    keep = None if trainable is None else trainable.index_select(0, slots)
+    if w is not None:
+        keep = (w != 0) if keep is None else keep & (w != 0)
+    if keep is not None:
+        slots, order = slots[keep], order[keep]
+        w = None if w is None else w[keep]
+    return slots, order, w
+
+
+def _rows_from_bags(g: Tensor, counts: Tensor, bag_of_read: Tensor, psw: Tensor) -> Tensor:
+    """Row ``u`` = sum of ``psw[j] * g[bag_of_read[j]]`` over the ``counts[u]`` reads ``j`` of row ``u``.
+
+    One ``embedding_bag`` over the output gradient with a bag per touched row. (An MKL
+    CSR ``addmm`` was tried here: no faster when interleaved with this, and linked to
+    an occasional SIGABRT at interpreter exit under torchrun.)
+    """
+    offsets = counts.cumsum(0) - counts
+    return F.embedding_bag(bag_of_read, g, offsets, mode="sum", per_sample_weights=psw)
+
+
+def value_read(values: Tensor, indices: Tensor, weights: Optional[Tensor]) -> Tensor:
+    """``out[b] = sum_j weights[b, j] * values[indices[b, j]]``: one ``embedding_bag``."""
+    if weights is not None:
+        weights = weights.to(values.dtype)
+    return F.embedding_bag(indices, values, mode="sum", per_sample_weights=weights)
+
+
+def value_read_backward_rows(
+    grad_out: Tensor, values: Tensor, indices: Tensor, weights: Optional[Tensor], trainable: Optional[Tensor],
+    need_weights_grad: bool,
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(rows_idx, rows, grad_weights)``: the value gradient as its touched rows alone
+    (sorted, unique; a row read by several bags sums their output gradients), and the
+    weights' gradient (``None`` unless asked for)."""
+    m = indices.shape[-1]
+    slots, order = indices.long().reshape(-1).sort()
+    grad_weights = None
+    if need_weights_grad and weights is not None:
+        grad_weights = _weight_grad(grad_out.to(values.dtype), values, m, slots, order)
+        grad_weights = grad_weights.view_as(weights).to(weights.dtype)
+    slots, order, w = _touched_reads(slots, order, weights, trainable)
+    rows_idx, counts = torch.unique_consecutive(slots, return_counts=True)
+    g = grad_out.to(values.dtype).contiguous()
+    psw = torch.ones_like(order, dtype=g.dtype) if w is None else w.to(g.dtype)
+    rows = _rows_from_bags(g, counts, order.div(m, rounding_mode="floor"), psw)
+    return rows_idx, rows, grad_weights
+
+
+def value_read_backward(
+    grad_out: Tensor, values: Tensor, indices: Tensor, weights: Optional[Tensor], trainable: Optional[Tensor],
+    need_values_grad: bool, need_weights_grad: bool,
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """``(grad_values, grad_weights)``, dense; ``None`` for a gradient not asked for."""
+    if not need_values_grad:
+        if not need_weights_grad or weights is None:
+            return None, None
+        slots, order = indices.long().reshape(-1).sort()
+        gw = _weight_grad(grad_out.to(values.dtype), values, indices.shape[-1], slots, order)
+        return None, gw.view_as(weights).to(weights.dtype)
+    rows_idx, rows, grad_weights = value_read_backward_rows(
+        grad_out, values, indices, weights, trainable, need_weights_grad
+    )
+    dense = empty_hugepage(*values.shape, dtype=values.dtype, device=values.device).zero_()
+    return dense.index_copy_(0, rows_idx, rows), grad_weights
