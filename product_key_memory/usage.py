@@ -9,6 +9,7 @@ receives; :func:`usage_statistics` turns those counts into numbers and
 from __future__ import annotations
 
 import math
+import threading
 from typing import Dict, Iterable, Optional, Union
 
 import torch
@@ -24,6 +25,9 @@ class _LayerUsage:
 
     One extra bin at the end takes the reads of padded tokens, so masking needs no
     boolean indexing (a data-dependent shape, hence a host sync) and is dropped on read-out.
+
+    Concurrent forwards of one layer (threads) each add their own reads under a lock, which
+    is held while the additions are queued, never while waiting on the device.
     """
 
     def __init__(self, num_memories: int):
@@ -31,7 +35,7 @@ class _LayerUsage:
         self.reads: Optional[Tensor] = None
         self.mass: Optional[Tensor] = None
         self.tokens: Optional[Tensor] = None
-        self._step: Optional[Tensor] = None  # scratch for one call's mass, kept to avoid a fresh allocation
+        self._lock = threading.Lock()
 
     def _allocate(self, device: torch.device) -> None:
         mass_dtype = torch.float32 if device.type == "mps" else torch.float64
@@ -41,25 +45,21 @@ class _LayerUsage:
 
     @torch.no_grad()
     def __call__(self, indices: Tensor, weights: Tensor, mask: Optional[Tensor]) -> None:
-        if self.reads is None:
-            self._allocate(indices.device)
-        elif self.reads.device != indices.device:  # the model moved
-            self.reads, self.mass, self.tokens = (t.to(indices.device) for t in (self.reads, self.mass, self.tokens))
-        if mask is None:
-            self.tokens += indices.shape[0]
-        else:
+        if mask is not None:
             indices = torch.where(mask.view(-1, *([1] * (indices.dim() - 1))), indices, self.num_memories)
-            self.tokens += mask.sum()
         slots = indices.reshape(-1)
-        # index_add_ keeps everything on the device: no .item(), no data-dependent shapes
-        self.reads.index_add_(0, slots, self.reads.new_ones(()).expand(slots.numel()))
         # |w|: the share of the output each read carries, also for relu gates or subtracted scores; the
-        # weights are the ones the layer used (after attn_dropout in training). Summed per step in the
-        # weights' dtype (fast), accumulated across steps in float64.
+        # weights are the ones the layer used (after attn_dropout in training), added in the counts' dtype
         w = weights.detach().abs().reshape(-1)
-        if self._step is None or self._step.dtype != w.dtype or self._step.device != w.device:
-            self._step = torch.zeros(self.mass.shape, dtype=w.dtype, device=w.device)
-        self.mass += self._step.zero_().index_add_(0, slots, w)
+        with self._lock:  # another thread's forward may be adding to the same counts
+            if self.reads is None:
+                self._allocate(indices.device)
+            elif self.reads.device != indices.device:  # the model moved
+                self.reads, self.mass, self.tokens = (t.to(indices.device) for t in (self.reads, self.mass, self.tokens))
+            self.tokens += indices.shape[0] if mask is None else mask.sum()
+            # index_add_ keeps everything on the device: no .item(), no data-dependent shapes
+            self.reads.index_add_(0, slots, self.reads.new_ones(()).expand(slots.numel()))
+            self.mass.index_add_(0, slots, w.to(self.mass.dtype))
 
     def counts(self) -> Dict[str, Tensor]:
         n = self.num_memories

@@ -151,3 +151,34 @@ def test_tracker_does_not_sync_on_cuda():
             pkm.usage_hook(indices, weights, mask)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_concurrent_forwards_of_one_layer_count_exactly():
+    import threading
+
+    pkm = PKM(16, heads=2, num_keys=128, topk=4, dim_head=8)
+    tracker = MemoryUsageTracker(pkm)
+    g = torch.Generator().manual_seed(0)
+    calls = [(torch.randint(128**2, (64, 2, 4), generator=g), torch.rand(64, 2, 4, generator=g)) for _ in range(8)]
+    rounds = 10
+    with tracker:
+        barrier = threading.Barrier(len(calls))
+
+        def run(indices, weights):
+            barrier.wait()
+            for _ in range(rounds):
+                pkm.usage_hook(indices, weights, None)
+
+        threads = [threading.Thread(target=run, args=call) for call in calls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    every = torch.cat([i.reshape(-1) for i, _ in calls])
+    weights = torch.cat([w.reshape(-1) for _, w in calls]).double()
+    c = tracker.counts("pkm")
+    assert torch.equal(c["reads"], torch.bincount(every, minlength=128**2) * rounds)
+    expected = torch.zeros(128**2, dtype=torch.float64).index_add_(0, every, weights) * rounds
+    torch.testing.assert_close(c["mass"], expected)
+    assert int(c["tokens"]) == 64 * len(calls) * rounds
+
