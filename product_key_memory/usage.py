@@ -27,7 +27,9 @@ class _LayerUsage:
     boolean indexing (a data-dependent shape, hence a host sync) and is dropped on read-out.
 
     Concurrent forwards of one layer (threads) each add their own reads under a lock, which
-    is held while the additions are queued, never while waiting on the device.
+    is held while the additions are queued, never while waiting on the device. The hook
+    belongs to the layer it was attached to: a deep copy or a pickle of the layer gets
+    ``usage_hook = None`` instead of a second accumulator holding the same counts.
     """
 
     def __init__(self, num_memories: int):
@@ -36,6 +38,9 @@ class _LayerUsage:
         self.mass: Optional[Tensor] = None
         self.tokens: Optional[Tensor] = None
         self._lock = threading.Lock()
+
+    def __reduce__(self):
+        return (_no_hook, ())
 
     def _allocate(self, device: torch.device) -> None:
         mass_dtype = torch.float32 if device.type == "mps" else torch.float64
@@ -71,6 +76,11 @@ class _LayerUsage:
                 t.zero_()
 
 
+def _no_hook() -> None:
+    """What a copied or unpickled :class:`_LayerUsage` becomes: the copy has no hook."""
+    return None
+
+
 class MemoryUsageTracker:
     """Counts slot reads of every PKM layer of ``model`` while attached.
 
@@ -104,6 +114,10 @@ class MemoryUsageTracker:
             raise ValueError(f"model ({type(model).__name__}) contains no PKM layer to track")
         self._usage = {name: _LayerUsage(m.num_memories) for name, m in self.layers.items()}
         self.attached = False
+
+    def __reduce__(self):
+        # the copied layers' hooks are dropped (see _LayerUsage), so a copy would count nothing
+        raise TypeError("a MemoryUsageTracker cannot be copied or pickled: make a new one for the copied model")
 
     def attach(self) -> "MemoryUsageTracker":
         """Start counting: install the hooks (fails if another tracker is attached)."""

@@ -182,3 +182,25 @@ def test_concurrent_forwards_of_one_layer_count_exactly():
     torch.testing.assert_close(c["mass"], expected)
     assert int(c["tokens"]) == 64 * len(calls) * rounds
 
+
+def test_a_deep_copy_of_a_tracked_model_can_be_tracked_on_its_own():
+    import copy
+    import pickle
+
+    model = nn.Sequential(nn.Linear(16, 16), small_pkm())
+    x = torch.randn(4, 16)
+    tracker = MemoryUsageTracker(model).attach()
+    model(x)
+    twin = copy.deepcopy(model)
+    assert twin[1].usage_hook is None
+    assert pickle.loads(pickle.dumps(model))[1].usage_hook is None
+    with MemoryUsageTracker(twin) as twin_tracker:
+        twin(x)
+        twin(x)
+    assert twin_tracker.stats()["1"]["tokens"] == 8
+    assert tracker.stats()["1"]["tokens"] == 4, "the copy's reads are not the original's"
+    model(x)
+    assert tracker.stats()["1"]["tokens"] == 8
+    with pytest.raises(TypeError, match="new one"):
+        copy.deepcopy(tracker)
+
