@@ -197,6 +197,18 @@ def _distribution_stats(x: Tensor, suffix: str) -> Dict[str, float]:
     return out
 
 
+def _describe(x) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
+def _check_counts(name: str, x: Tensor) -> None:
+    # a NaN or a negative count has no usage distribution (a Gini above 1, a KL of NaN)
+    bad = ~(torch.isfinite(x) & (x >= 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name} must hold finite counts >= 0, got {float(x[i])} at slot {i}")
+
+
 def usage_statistics(
     reads: Tensor, mass: Optional[Tensor] = None, tokens: Union[Tensor, int, None] = None
 ) -> Dict[str, float]:
@@ -215,11 +227,16 @@ def usage_statistics(
         share of the reads); with ``mass`` the same with suffix ``_weighted``. Values are
         NaN while nothing is counted.
     """
-    if reads.dim() != 1:
-        raise ValueError(f"reads must be a 1-d tensor of per-slot counts, got shape {tuple(reads.shape)}")
-    if mass is not None and mass.shape != reads.shape:
-        raise ValueError(f"mass must have the shape of reads {tuple(reads.shape)}, got {tuple(mass.shape)}")
+    if not isinstance(reads, Tensor) or reads.dim() != 1:
+        raise ValueError(f"reads must be a 1-d tensor of per-slot counts, got {_describe(reads)}")
+    if mass is not None and (not isinstance(mass, Tensor) or mass.shape != reads.shape):
+        raise ValueError(f"mass must be a tensor of the shape of reads {tuple(reads.shape)}, got {_describe(mass)}")
     r = reads.detach().to("cpu", torch.float64)
+    _check_counts("reads", r)
+    if mass is not None:
+        _check_counts("mass", mass.detach().to("cpu", torch.float64))
+    if tokens is not None and not (float(tokens) >= 0 and math.isfinite(float(tokens))):
+        raise ValueError(f"tokens must be a finite count >= 0, got {tokens!r}")
     out: Dict[str, float] = {
         "slots": r.numel(),
         "tokens": int(tokens) if tokens is not None else None,

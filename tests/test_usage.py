@@ -204,3 +204,13 @@ def test_a_deep_copy_of_a_tracked_model_can_be_tracked_on_its_own():
     with pytest.raises(TypeError, match="new one"):
         copy.deepcopy(tracker)
 
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, float("inf")])
+@pytest.mark.parametrize("argument", ["reads", "mass"])
+def test_statistics_refuse_counts_that_are_not_counts(argument, bad):
+    counts = dict(reads=torch.tensor([4.0, 0.0, 3.0]), mass=torch.tensor([1.0, 0.0, 2.0]))
+    counts[argument][1] = bad
+    with pytest.raises(ValueError, match=f"{argument} must hold finite counts >= 0, got {bad} at slot 1"):
+        usage_statistics(**counts)
+    with pytest.raises(ValueError, match="tokens"):
+        usage_statistics(torch.tensor([1, 2]), tokens=-3)
