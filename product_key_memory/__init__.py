@@ -1,6 +1,7 @@
 """Product-key memory layers for PyTorch (Lample et al. 2019, arXiv 1907.05242)."""
 
 from . import distributed, functional
+from .clip import clip_grad_norm_
 from .distributed import ShardedValues, shard_values, sharded_parameters
 from .memory_plus import MemoryPlus
 from .norms import MaskedBatchNorm, QueryLayerNorm
@@ -30,6 +31,7 @@ __all__ = [
     "distributed",
     "SparseRowAdam",
     "build_optimizer",
+    "clip_grad_norm_",
     "functional",
     "from_xlm",
     "MemoryUsageTracker",
