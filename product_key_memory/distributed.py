@@ -151,6 +151,10 @@ class ShardedValues(nn.Module):
     ``fully_shard`` (:func:`shard_values` does the former; :func:`sharded_parameters` lists the
     tables for ``fully_shard(..., ignored_params=...)``). Every rank must run every read.
 
+    Collective: every rank of ``group`` builds it, in the same order, with the same
+    ``num_embeddings``, ``embedding_dim`` and ``average_grads`` (checked on construction;
+    a mismatch raises ``ValueError`` on every rank).
+
     Args:
         num_embeddings: slots (``num_keys ** 2``).
         embedding_dim: full width of a row.
@@ -182,16 +186,24 @@ class ShardedValues(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
-            check_positive_int(name, value)
-        for name, value in (("average_grads", average_grads), ("sparse", sparse)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {value!r}")
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "ShardedValues needs an initialised process group (torch.distributed.init_process_group)"
             )
         world, rank = dist.get_world_size(group), dist.get_rank(group)
+        # before any check that could fail on one rank only: the others would wait here for it
+        everyone = [None] * world
+        dist.all_gather_object(everyone, (num_embeddings, embedding_dim, average_grads), group=group)
+        if len(set(everyone)) != 1:
+            raise ValueError(
+                "every rank must build ShardedValues with the same num_embeddings, embedding_dim and average_grads, "
+                f"got (num_embeddings, embedding_dim, average_grads) = {everyone} on ranks 0..{world - 1}"
+            )
+        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            check_positive_int(name, value)
+        for name, value in (("average_grads", average_grads), ("sparse", sparse)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
         if embedding_dim < world:
             raise ValueError(f"embedding_dim must be at least the world size {world}, got {embedding_dim}")
         sizes = column_sizes(embedding_dim, world)

@@ -329,6 +329,21 @@ def _scenario_fsdp2(rank, world):
     return pairs
 
 
+def _scenario_mismatched_sizes(rank, world):
+    """ShardedValues built with another size on each rank: a ValueError on every rank, no deadlock."""
+    pairs = {}
+    for name, args in (("dim", (10, 8 + rank)), ("slots", (10 + rank, 8))):
+        try:
+            ShardedValues(*args)
+            message = ""
+        except ValueError as e:
+            message = str(e)
+        pairs[f"{name} refused"] = (torch.tensor("same num_embeddings, embedding_dim" in message), torch.tensor(True))
+    table = ShardedValues(10, 8)  # the group still works afterwards
+    pairs["then builds"] = (torch.tensor(table.full_weight().shape), torch.tensor([10, 8]))
+    return pairs
+
+
 SCENARIOS = {
     "read": _scenario_read,
     "gradcheck": _scenario_gradcheck,
@@ -337,6 +352,7 @@ SCENARIOS = {
     "ddp": _scenario_ddp,
     "ddp_sparse": _scenario_ddp_sparse,
     "clip_norm_types": _scenario_clip_norm_types,
+    "mismatched_sizes": _scenario_mismatched_sizes,
     "fsdp2": _scenario_fsdp2,
 }
 
@@ -407,6 +423,11 @@ def test_ddp_sparse_step_matches_one_process(results, rank):
 @pytest.mark.parametrize("rank", range(WORLD))
 def test_clip_norm_types_match_one_process(results, rank):
     _compare(results[rank]["clip_norm_types"], rank)
+
+
+@pytest.mark.parametrize("rank", range(WORLD))
+def test_sizes_that_differ_between_ranks_are_refused_on_every_rank(results, rank):
+    _compare(results[rank]["mismatched_sizes"], rank)
 
 
 @pytest.mark.parametrize("rank", range(WORLD))
