@@ -108,6 +108,15 @@ def _query_layers(sd: Mapping[str, Tensor], prefix: str) -> Optional[List[Layer]
     return out
 
 
+def _as_tensor(name: str, value) -> Tensor:
+    # checkpoints converted through numpy hold arrays; anything else is not a state dict entry
+    if isinstance(value, Tensor):
+        return value
+    if type(value).__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
+        return torch.as_tensor(value)
+    raise TypeError(f"state_dict[{name!r}] must be a tensor (or a numpy array), got {type(value).__name__}")
+
+
 def from_xlm(state_dict: Mapping[str, Tensor], *, topk: int, prefix: str = "", **options) -> PKM:
     r"""A :class:`PKM` computing what a memory of the paper's reference code computes.
 
@@ -157,7 +166,7 @@ def from_xlm(state_dict: Mapping[str, Tensor], *, topk: int, prefix: str = "", *
 
     Args:
         state_dict: the memory's state dict (``keys``, ``values.weight``,
-            ``query_proj.query_mlps.*``), optionally under ``prefix``.
+            ``query_proj.query_mlps.*``), optionally under ``prefix``; tensors or numpy arrays.
         topk: the reference code's ``mem_knn``.
         prefix: leading part of the names to use (e.g. ``"memories.0."``); entries
             outside it are ignored, every entry inside it must be understood.
@@ -169,7 +178,8 @@ def from_xlm(state_dict: Mapping[str, Tensor], *, topk: int, prefix: str = "", *
         ValueError: the state dict is not a memory of the reference code this
             converter supports (e.g. a convolutional query network, or a value dim
             different from the input dim), or its sizes disagree with each other.
-        TypeError: an option outside :data:`XLM_OPTIONS`.
+        TypeError: an option outside :data:`XLM_OPTIONS`, or an entry that is neither a
+            tensor nor a numpy array.
     """
     unknown = sorted(set(options) - set(XLM_OPTIONS))
     if unknown:
@@ -179,7 +189,7 @@ def from_xlm(state_dict: Mapping[str, Tensor], *, topk: int, prefix: str = "", *
         )
     if not isinstance(prefix, str):
         raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
-    sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    sd = {k[len(prefix):]: _as_tensor(k, v) for k, v in state_dict.items() if k.startswith(prefix)}
     shared = options.get("values")
     if shared is not None and "values.weight" in sd:
         raise ValueError(

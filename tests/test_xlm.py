@@ -295,3 +295,11 @@ def test_from_xlm_names_an_entry_of_the_wrong_shape():
     with pytest.raises(ValueError, match=r"query_proj\.query_mlps\.0\.bias must have shape \(24,\)"):
         from_xlm(sd, topk=4)
 
+
+def test_from_xlm_takes_numpy_arrays_and_names_other_types():
+    sd = make_xlm_state_dict(hidden=(16,), batchnorm=True)
+    as_numpy = {k: v.numpy() for k, v in sd.items()}
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(from_xlm(as_numpy, topk=4)(x), from_xlm(sd, topk=4)(x), atol=0, rtol=0)
+    with pytest.raises(TypeError, match=r"state_dict\['values.weight'\] must be a tensor .* got list"):
+        from_xlm({**sd, "values.weight": sd["values.weight"].tolist()}, topk=4)
