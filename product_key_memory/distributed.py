@@ -343,8 +343,8 @@ def clip_grad_norm_(
     from .clip import clip_grad_norm_ as clip
 
     warnings.warn(
-        "product_key_memory.distributed.clip_grad_norm_ is deprecated: use product_key_memory.clip_grad_norm_(model, "
-        "max_norm), which also takes norm_type and error_if_nonfinite",
+        "product_key_memory.distributed.clip_grad_norm_ is deprecated: use "
+        "product_key_memory.clip_grad_norm_(model, max_norm), which also takes norm_type and error_if_nonfinite",
         DeprecationWarning,
         stacklevel=2,
     )

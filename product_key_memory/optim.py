@@ -223,7 +223,7 @@ _SWITCHES = {"foreach": (None, True, False), "fused": (None, False), "capturable
 
 @functools.lru_cache(maxsize=None)
 def _foreign_options() -> FrozenSet[str]:
-    """Options of the other ``torch.optim`` optimizers (``momentum``, ``nesterov``, ...): ignoring one is a silent bug."""
+    """Options of other ``torch.optim`` optimizers (``momentum``, ``nesterov``, ...): ignoring one is a silent bug."""
     names = set()
     for obj in vars(torch.optim).values():
         if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer):

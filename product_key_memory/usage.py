@@ -60,7 +60,8 @@ class _LayerUsage:
             if self.reads is None:
                 self._allocate(indices.device)
             elif self.reads.device != indices.device:  # the model moved
-                self.reads, self.mass, self.tokens = (t.to(indices.device) for t in (self.reads, self.mass, self.tokens))
+                moved = (t.to(indices.device) for t in (self.reads, self.mass, self.tokens))
+                self.reads, self.mass, self.tokens = moved
             self.tokens += indices.shape[0] if mask is None else mask.sum()
             # index_add_ keeps everything on the device: no .item(), no data-dependent shapes
             self.reads.index_add_(0, slots, self.reads.new_ones(()).expand(slots.numel()))

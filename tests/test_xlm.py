@@ -83,7 +83,9 @@ def xlm_reference(
     for name, t in sd.items():
         if name.startswith("query_proj.query_mlps."):
             parts = name[len("query_proj.query_mlps."):].split(".")
-            net, i, entry = (int(parts[0]), int(parts[1]), parts[2]) if len(parts) == 3 else (0, int(parts[0]), parts[1])
+            if len(parts) == 2:  # no hidden layer: one net, no net index
+                parts = ["0"] + parts
+            net, i, entry = int(parts[0]), int(parts[1]), parts[2]
             nets.setdefault(net, {}).setdefault(i, {})[entry] = t
     heads = sd["keys"].shape[0]
     if nets:  # the nets' outputs side by side

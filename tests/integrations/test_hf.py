@@ -102,7 +102,9 @@ def test_bad_arguments_are_named(model):
         find_blocks(torch.nn.Linear(2, 2))
 
 
-@pytest.mark.parametrize("placement", [dict(dtype=torch.float64), dict(device="cpu"), dict(dtype=torch.float16, device="cpu")])
+@pytest.mark.parametrize(
+    "placement", [dict(dtype=torch.float64), dict(device="cpu"), dict(dtype=torch.float16, device="cpu")]
+)
 def test_add_pkm_refuses_its_own_dtype_and_device(model, placement):
     with pytest.raises(TypeError, match="add_pkm does not take .*(dtype|device)=.*model.to"):
         add_pkm(model, [1], **placement, **PKM_KWARGS)
