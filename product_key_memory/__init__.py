@@ -8,6 +8,7 @@ integrations load on first use.
 import importlib
 
 from . import distributed, functional, ops
+from .clip import clip_grad_norm_
 from .distributed import ShardedValues, shard_values, sharded_parameters
 from .keys import ProductKeys
 from .memory_plus import MemoryPlus
@@ -59,6 +60,7 @@ __all__ = [
     "distributed",
     "SparseRowAdam",
     "build_optimizer",
+    "clip_grad_norm_",
     "functional",
     "ops",
     "use_backend",

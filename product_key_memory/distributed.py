@@ -19,6 +19,7 @@ parameter.
 
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional
 
 import torch
@@ -150,6 +151,10 @@ class ShardedValues(ValueTable):
     ``fully_shard`` (:func:`shard_values` does the former; :func:`sharded_parameters` lists the
     tables for ``fully_shard(..., ignored_params=...)``). Every rank must run every read.
 
+    Collective: every rank of ``group`` builds it, in the same order, with the same
+    ``num_embeddings``, ``embedding_dim`` and ``average_grads`` (checked on construction;
+    a mismatch raises ``ValueError`` on every rank).
+
     Args:
         num_embeddings: slots (``num_keys ** 2``).
         embedding_dim: full width of a row.
@@ -180,15 +185,23 @@ class ShardedValues(ValueTable):
         device=None,
         dtype=None,
     ):
-        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
-            check_positive_int(name, value)
-        check_bool("average_grads", average_grads)
-        super().__init__(num_embeddings, embedding_dim, sparse=sparse)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "ShardedValues needs an initialised process group (torch.distributed.init_process_group)"
             )
         world, rank = dist.get_world_size(group), dist.get_rank(group)
+        # before any check that could fail on one rank only: the others would wait here for it
+        everyone = [None] * world
+        dist.all_gather_object(everyone, (num_embeddings, embedding_dim, average_grads), group=group)
+        if len(set(everyone)) != 1:
+            raise ValueError(
+                "every rank must build ShardedValues with the same num_embeddings, embedding_dim and average_grads, "
+                f"got (num_embeddings, embedding_dim, average_grads) = {everyone} on ranks 0..{world - 1}"
+            )
+        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            check_positive_int(name, value)
+        check_bool("average_grads", average_grads)
+        super().__init__(num_embeddings, embedding_dim, sparse=sparse)
         if embedding_dim < world:
             raise ValueError(f"embedding_dim must be at least the world size {world}, got {embedding_dim}")
         sizes = column_sizes(embedding_dim, world)
@@ -322,32 +335,22 @@ def sharded_parameters(model: nn.Module) -> List[nn.Parameter]:
 def clip_grad_norm_(
     model: nn.Module, max_norm: float, *, group: Optional[dist.ProcessGroup] = None
 ) -> Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` (2-norm) for a model holding :class:`ShardedValues`.
+    """Deprecated: use :func:`product_key_memory.clip_grad_norm_` ``(model, max_norm)``.
 
-    Each rank sees only its columns of a sharded table, so their squared gradients are summed
-    over ``group``; every other gradient (the same on every rank after DDP's all-reduce, or a
-    DTensor under ``fully_shard``) counts once. Every rank gets the same total norm and the
-    same scale. Collective.
-
-    Returns:
-        the total norm of all gradients, before clipping.
+    It finds the :class:`ShardedValues` tables in ``model`` and reduces each over its own
+    group; ``group``, if given, must be that group.
     """
-    sharded = [p for p in sharded_parameters(model) if p.grad is not None]
-    ids = {id(p) for p in sharded}
-    dense = [p for p in model.parameters() if id(p) not in ids and p.grad is not None]
-    first = (sharded or dense)[0].grad if sharded or dense else torch.zeros(())
-    dtype = torch.promote_types(first.dtype, torch.float32)  # as torch: float64 gradients, float64 norm
-    square = torch.zeros((), device=first.device, dtype=dtype)
-    for p in sharded:
-        g = p.grad.coalesce().values() if p.grad.is_sparse else p.grad
-        square = square + g.to(dtype).pow(2).sum()
-    dist.all_reduce(square, group=group)
-    if dense:
-        norm = nn.utils.get_total_norm([p.grad for p in dense])
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under fully_shard
-        square = square + norm.to(device=first.device, dtype=dtype).pow(2)
-    total = square.sqrt()
-    for params in (dense, sharded):  # two calls: foreach kernels do not mix DTensors and tensors
-        if params:
-            nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
+    from .clip import clip_grad_norm_ as clip
+
+    warnings.warn(
+        "product_key_memory.distributed.clip_grad_norm_ is deprecated: use "
+        "product_key_memory.clip_grad_norm_(model, max_norm), which also takes norm_type and error_if_nonfinite",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    if group is not None:
+        world = dist.group.WORLD
+        other = [m for m in model.modules() if isinstance(m, ShardedValues) and (world if m.group is None else m.group) is not group]
+        if other:
+            raise ValueError(f"group is not the process group of the tables {other}; leave group=None")
+    return clip(model, max_norm)

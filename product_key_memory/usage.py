@@ -9,6 +9,7 @@ read and how much weight it receives; :func:`usage_statistics` turns those count
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from typing import Dict, Iterable, Optional, Union
 
@@ -28,8 +29,12 @@ class _LayerUsage:
     A read counts when its weight is not zero (a padded token's weights are zero, and a
     slot read with weight 0 adds nothing to the output). One extra bin at the end takes
     the other reads, so masking needs no boolean indexing (a data-dependent shape, hence
-    a host sync) and is dropped on read-out. Calls from any module but the one it was
-    attached to (a deep copy of it, say) are ignored.
+    a host sync) and is dropped on read-out.
+
+    Concurrent forwards of one table (threads) each add their own reads under a lock, which
+    is held while the additions are queued, never while waiting on the device. The hook
+    belongs to the table it was attached to: calls from any other module are ignored, and a
+    deep copy or a pickle of the table carries an inert hook with no counts.
     """
 
     def __init__(self, num_memories: int, table: Optional[nn.Module] = None):
@@ -38,7 +43,10 @@ class _LayerUsage:
         self.reads: Optional[Tensor] = None
         self.mass: Optional[Tensor] = None
         self.tokens: Optional[Tensor] = None
-        self._step: Optional[Tensor] = None  # scratch for one call's mass, kept to avoid a fresh allocation
+        self._lock = threading.Lock()
+
+    def __reduce__(self):
+        return (_LayerUsage, (self.num_memories,))  # attached to nothing: counts nothing
 
     def _allocate(self, device: torch.device) -> None:
         mass_dtype = torch.float32 if device.type == "mps" else torch.float64
@@ -62,25 +70,22 @@ class _LayerUsage:
 
     @torch.no_grad()
     def __call__(self, indices: Tensor, weights: Tensor, mask: Optional[Tensor]) -> None:
-        if self.reads is None:
-            self._allocate(indices.device)
-        elif self.reads.device != indices.device:  # the model moved
-            self.reads, self.mass, self.tokens = (t.to(indices.device) for t in (self.reads, self.mass, self.tokens))
-        if mask is None:
-            self.tokens += indices.shape[0]
-        else:
+        if mask is not None:
             indices = torch.where(mask.view(-1, *([1] * (indices.dim() - 1))), indices, self.num_memories)
-            self.tokens += mask.sum()
         slots = indices.reshape(-1)
-        # index_add_ keeps everything on the device: no .item(), no data-dependent shapes
-        self.reads.index_add_(0, slots, self.reads.new_ones(()).expand(slots.numel()))
         # |w|: the share of the output each read carries, also for relu gates or subtracted scores; the
-        # weights are the ones the layer used (after attn_dropout in training). Summed per step in the
-        # weights' dtype (fast), accumulated across steps in float64.
+        # weights are the ones the layer used (after attn_dropout in training), added in the counts' dtype
         w = weights.detach().abs().reshape(-1)
-        if self._step is None or self._step.dtype != w.dtype or self._step.device != w.device:
-            self._step = torch.zeros(self.mass.shape, dtype=w.dtype, device=w.device)
-        self.mass += self._step.zero_().index_add_(0, slots, w)
+        with self._lock:  # another thread's forward may be adding to the same counts
+            if self.reads is None:
+                self._allocate(indices.device)
+            elif self.reads.device != indices.device:  # the model moved
+                moved = (t.to(indices.device) for t in (self.reads, self.mass, self.tokens))
+                self.reads, self.mass, self.tokens = moved
+            self.tokens += indices.shape[0] if mask is None else mask.sum()
+            # index_add_ keeps everything on the device: no .item(), no data-dependent shapes
+            self.reads.index_add_(0, slots, self.reads.new_ones(()).expand(slots.numel()))
+            self.mass.index_add_(0, slots, w.to(self.mass.dtype))
 
     def counts(self) -> Dict[str, Tensor]:
         n = self.num_memories
@@ -132,6 +137,10 @@ class MemoryUsageTracker:
         self._usage = {name: _LayerUsage(m.num_slots, m) for name, m in self.layers.items()}
         self._handles = []
         self.attached = False
+
+    def __reduce__(self):
+        # the copied layers' hooks are dropped (see _LayerUsage), so a copy would count nothing
+        raise TypeError("a MemoryUsageTracker cannot be copied or pickled: make a new one for the copied model")
 
     def attach(self) -> "MemoryUsageTracker":
         """Start counting: add a forward hook to every table."""
@@ -210,6 +219,18 @@ def _distribution_stats(x: Tensor, suffix: str) -> Dict[str, float]:
     return out
 
 
+def _describe(x) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
+def _check_counts(name: str, x: Tensor) -> None:
+    # a NaN or a negative count has no usage distribution (a Gini above 1, a KL of NaN)
+    bad = ~(torch.isfinite(x) & (x >= 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name} must hold finite counts >= 0, got {float(x[i])} at slot {i}")
+
+
 def usage_statistics(
     reads: Tensor, mass: Optional[Tensor] = None, tokens: Union[Tensor, int, None] = None
 ) -> Dict[str, float]:
@@ -228,11 +249,16 @@ def usage_statistics(
         share of the reads); with ``mass`` the same with suffix ``_weighted``. Values are
         NaN while nothing is counted.
     """
-    if reads.dim() != 1:
-        raise ValueError(f"reads must be a 1-d tensor of per-slot counts, got shape {tuple(reads.shape)}")
-    if mass is not None and mass.shape != reads.shape:
-        raise ValueError(f"mass must have the shape of reads {tuple(reads.shape)}, got {tuple(mass.shape)}")
+    if not isinstance(reads, Tensor) or reads.dim() != 1:
+        raise ValueError(f"reads must be a 1-d tensor of per-slot counts, got {_describe(reads)}")
+    if mass is not None and (not isinstance(mass, Tensor) or mass.shape != reads.shape):
+        raise ValueError(f"mass must be a tensor of the shape of reads {tuple(reads.shape)}, got {_describe(mass)}")
     r = reads.detach().to("cpu", torch.float64)
+    _check_counts("reads", r)
+    if mass is not None:
+        _check_counts("mass", mass.detach().to("cpu", torch.float64))
+    if tokens is not None and not (float(tokens) >= 0 and math.isfinite(float(tokens))):
+        raise ValueError(f"tokens must be a finite count >= 0, got {tokens!r}")
     out: Dict[str, float] = {
         "slots": r.numel(),
         "tokens": int(tokens) if tokens is not None else None,

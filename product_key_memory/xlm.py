@@ -34,38 +34,87 @@ XLM_OPTIONS = (
     "dtype",
 )
 
-_BN_ENTRIES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_HEAD = "query_proj.query_mlps."
+_BN_REQUIRED = ("weight", "bias", "running_mean", "running_var")  # num_batches_tracked is optional
+Layer = Tuple[str, Dict[str, Tensor], str]  # kind ("linear" or "batchnorm"), entries, full name prefix
 
 
-def _query_layers(sd: Mapping[str, Tensor], prefix: str) -> List[Tuple[str, Dict[str, Tensor]]]:
-    """``query_proj.query_mlps.{i}.*`` grouped by ``i`` in order, each tagged "linear" or "batchnorm"."""
-    head = "query_proj.query_mlps."
-    groups: Dict[int, Dict[str, Tensor]] = {}
+def _query_layers(sd: Mapping[str, Tensor], prefix: str) -> Optional[List[Layer]]:
+    """The reference's query MLP as its layers in order, checked complete; ``None`` for no query network.
+
+    Reference layout: with no hidden layer one ``nn.Sequential`` under ``query_mlps.{i}``; with
+    hidden layers an ``nn.ModuleList`` of them, ``query_mlps.{net}.{i}`` (``2 * heads`` nets with
+    ``mem_multi_query_net``). A Sequential is Linear, [BatchNorm1d], ReLU, ..., Linear, [BatchNorm1d].
+    """
+    nets: Dict[str, Dict[int, Dict[str, Tensor]]] = {}
     for name, t in sd.items():
-        if not name.startswith(head):
+        if not name.startswith(_HEAD):
             continue
-        index, _, entry = name[len(head):].partition(".")
-        if not index.isdigit() or not entry:
-            raise ValueError(f"unexpected query network entry {prefix + name!r}")
-        groups.setdefault(int(index), {})[entry] = t
-    if not groups:
-        raise ValueError(f"no query network found: expected entries {prefix + head}0.weight ...")
-    layers = []
-    for index in sorted(groups):
-        entries = groups[index]
-        if "running_mean" in entries:
-            missing = set(_BN_ENTRIES) - set(entries) - {"num_batches_tracked"}
-            if missing or set(entries) - set(_BN_ENTRIES):
-                raise ValueError(f"{prefix}{head}{index} looks like a BatchNorm1d but has entries {sorted(entries)}")
-            layers.append(("batchnorm", entries))
-        elif "weight" in entries and entries["weight"].dim() == 2 and set(entries) <= {"weight", "bias"}:
-            layers.append(("linear", entries))
+        parts = name[len(_HEAD):].split(".")
+        if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
+            net, index, entry = f"{_HEAD}{parts[0]}.", int(parts[1]), parts[2]
+        elif len(parts) == 2 and parts[0].isdigit():
+            net, index, entry = _HEAD, int(parts[0]), parts[1]
         else:
             raise ValueError(
-                f"{prefix}{head}{index} is neither a Linear nor a BatchNorm1d (entries {sorted(entries)}); "
-                "only the MLP query network of the reference code converts"
+                f"unexpected query network entry {prefix + name!r}: only the reference's MLP query network "
+                "(QueryMLP without grouped convolutions) converts"
             )
-    return layers
+        nets.setdefault(net, {}).setdefault(index, {})[entry] = t
+    if not nets:
+        return None
+    if len(nets) > 1:
+        names = sorted(prefix + n for n in nets)
+        raise ValueError(
+            f"state_dict has {len(nets)} query networks ({names}), as mem_multi_query_net makes (one per head and "
+            "half): a PKM has one query network, not convertible"
+        )
+    (net, layers), = nets.items()
+    if net != _HEAD and net != f"{_HEAD}0.":
+        raise ValueError(f"the query network must be at {prefix}{_HEAD}0., found {prefix}{net}")
+    has_bn = any("running_mean" in e for e in layers.values())
+    stride = 3 if has_bn else 2  # Linear, [BatchNorm1d], ReLU (parameter-free)
+    count = max(layers) // stride + 1
+    has_bias = any("bias" in layers.get(j * stride, {}) for j in range(count))
+    expected = {}
+    for j in range(count):
+        expected[j * stride] = ("linear", {"weight"} | ({"bias"} if has_bias else set()), set())
+        if has_bn:
+            expected[j * stride + 1] = ("batchnorm", set(_BN_REQUIRED), {"num_batches_tracked"})
+    out: List[Layer] = []
+    missing, unexpected = [], []
+    for index in sorted(set(expected) | set(layers)):
+        entries, where = layers.get(index, {}), f"{prefix}{net}{index}."
+        if index not in expected:
+            unexpected += [where + e for e in sorted(entries)]
+            continue
+        kind, required, optional = expected[index]
+        missing += [where + e for e in sorted(required - set(entries))]
+        unexpected += [where + e for e in sorted(set(entries) - required - optional)]
+        if kind == "linear" and "weight" in entries and entries["weight"].dim() != 2:
+            shape = tuple(entries["weight"].shape)
+            raise ValueError(f"{where}weight must be a Linear weight (out, in), got shape {shape}")
+        out.append((kind, entries, where))
+    if unexpected:
+        raise ValueError(
+            f"query network entries {unexpected} do not fit the reference's MLP (Linear, "
+            f"{'BatchNorm1d, ' if has_bn else ''}ReLU, ..., Linear{', BatchNorm1d' if has_bn else ''})"
+        )
+    if missing:
+        raise ValueError(
+            f"state_dict is incomplete: the query network lacks {missing} (the reference's MLP has "
+            f"{'a BatchNorm1d after every Linear' if has_bn else 'these entries'}{' and biases' if has_bias else ''})"
+        )
+    return out
+
+
+def _as_tensor(name: str, value) -> Tensor:
+    # checkpoints converted through numpy hold arrays; anything else is not a state dict entry
+    if isinstance(value, Tensor):
+        return value
+    if type(value).__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
+        return torch.as_tensor(value)
+    raise TypeError(f"state_dict[{name!r}] must be a tensor (or a numpy array), got {type(value).__name__}")
 
 
 def from_xlm(state_dict: Mapping[str, Tensor], *, topk: int, prefix: str = "", **options) -> PKM:
@@ -105,9 +154,19 @@ def from_xlm(state_dict: Mapping[str, Tensor], *, topk: int, prefix: str = "", *
     ``(head, half, d)``, this library's ``(half, head, d)``, so the rows of the last
     query linear layer and the channels of its BatchNorm are permuted.
 
+    Query networks (the reference's ``QueryMLP``): a single Linear (and BatchNorm1d) under
+    ``query_proj.query_mlps.{i}``; hidden layers under ``query_proj.query_mlps.0.{i}``, with or
+    without batch norm and biases. No query network (``mem_query_layer_sizes=''``) converts
+    for ``heads=1`` only, as a query Linear initialised to the identity (learned from then
+    on; freeze ``to_queries`` to keep it fixed). Not convertible (``ValueError``): several
+    query networks (``mem_multi_query_net``), grouped or convolutional ones, an identity
+    query with several heads (the state dict does not record ``mem_shuffle_query``).
+    A checkpoint with a layer or entry missing (a batch norm, a bias) or of the wrong shape
+    is refused with a ``ValueError`` naming the entries, never converted to another network.
+
     Args:
         state_dict: the memory's state dict (``keys``, ``values.weight``,
-            ``query_proj.query_mlps.{i}.*``), optionally under ``prefix``.
+            ``query_proj.query_mlps.*``), optionally under ``prefix``; tensors or numpy arrays.
         topk: the reference code's ``mem_knn``.
         prefix: leading part of the names to use (e.g. ``"memories.0."``); entries
             outside it are ignored, every entry inside it must be understood.
@@ -119,7 +178,8 @@ def from_xlm(state_dict: Mapping[str, Tensor], *, topk: int, prefix: str = "", *
         ValueError: the state dict is not a memory of the reference code this
             converter supports (e.g. a convolutional query network, or a value dim
             different from the input dim), or its sizes disagree with each other.
-        TypeError: an option outside :data:`XLM_OPTIONS`.
+        TypeError: an option outside :data:`XLM_OPTIONS`, or an entry that is neither a
+            tensor nor a numpy array.
     """
     unknown = sorted(set(options) - set(XLM_OPTIONS))
     if unknown:
@@ -129,7 +189,7 @@ def from_xlm(state_dict: Mapping[str, Tensor], *, topk: int, prefix: str = "", *
         )
     if not isinstance(prefix, str):
         raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
-    sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    sd = {k[len(prefix):]: _as_tensor(k, v) for k, v in state_dict.items() if k.startswith(prefix)}
     shared = options.get("values")
     if shared is not None and "values.weight" in sd:
         raise ValueError(
@@ -151,23 +211,33 @@ def from_xlm(state_dict: Mapping[str, Tensor], *, topk: int, prefix: str = "", *
         )
 
     layers = _query_layers(sd, prefix)
-    used = {"keys", "values.weight"} | {n for n in sd if n.startswith("query_proj.query_mlps.")}
+    used = {"keys", "values.weight"} | {n for n in sd if n.startswith(_HEAD)}
     extra = sorted(prefix + n for n in set(sd) - used)
     if extra:
         raise ValueError(
             f"state_dict has entries this converter does not understand: {extra}; "
             "pass prefix= (e.g. 'memories.0.') to convert one memory out of a larger state dict"
         )
-    if layers[0][0] != "linear":
-        raise ValueError("the query network must start with a Linear layer")
+    if layers is None:
+        # mem_query_layer_sizes='': the query is the input itself, repeated per head or, with
+        # mem_shuffle_query, permuted per head, which the state dict does not record
+        if heads != 1:
+            raise ValueError(
+                f"state_dict has no query network (an identity query) and {heads} heads: whether the reference "
+                "permuted the input per head (mem_shuffle_query) is not in the state dict, so not convertible; "
+                f"only heads=1 is (expected entries {prefix}{_HEAD}0.weight ... for a query MLP)"
+            )
+        layers = [("linear", {"weight": torch.eye(2 * dim_head, dtype=keys.dtype, device=keys.device)}, "")]
     linears: List[Tuple[Dict[str, Tensor], Optional[Dict[str, Tensor]]]] = []
-    for kind, entries in layers:
+    for kind, entries, where in layers:
         if kind == "linear":
             linears.append((entries, None))
-        elif linears[-1][1] is None:
-            linears[-1] = (linears[-1][0], entries)
         else:
-            raise ValueError("two BatchNorm layers follow one Linear layer in the query network")
+            linears[-1] = (linears[-1][0], entries)
+        features = linears[-1][0]["weight"].shape[0]
+        for entry, t in entries.items():
+            if entry != "num_batches_tracked" and (entry != "weight" or kind != "linear") and t.shape != (features,):
+                raise ValueError(f"{where}{entry} must have shape ({features},), got {tuple(t.shape)}")
     for (w_prev, _), (w_next, _) in zip(linears, linears[1:]):
         if w_next["weight"].shape[1] != w_prev["weight"].shape[0]:
             shapes = (tuple(w_prev["weight"].shape), tuple(w_next["weight"].shape))
@@ -185,11 +255,7 @@ def from_xlm(state_dict: Mapping[str, Tensor], *, topk: int, prefix: str = "", *
             "features, a PKM outputs its input dim; not convertible"
         )
     biases = {"bias" in w for w, _ in linears}
-    if len(biases) != 1:
-        raise ValueError("some query Linear layers have a bias and some do not")
     hidden_bns = {bn is not None for _, bn in linears[:-1]}
-    if len(hidden_bns) > 1:
-        raise ValueError("some hidden query layers have a BatchNorm and some do not")
 
     options.setdefault("dtype", table.dtype)
     options.setdefault("device", table.device)

@@ -21,11 +21,13 @@ from product_key_memory import (
     ShardedValues,
     ValuePool,
     build_optimizer,
+    clip_grad_norm_,
     fetch_optimizer_parameters,
     shard_values,
     sharded_parameters,
 )
-from product_key_memory.distributed import clip_grad_norm_, column_sizes, sharded_value_read
+from product_key_memory import distributed as pkm_distributed
+from product_key_memory.distributed import column_sizes, sharded_value_read
 from product_key_memory.functional import value_read_reference
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -224,6 +226,14 @@ def _clip_sharded(model):
     return clip_grad_norm_(model, MAX_NORM)
 
 
+def _clip_sharded_deprecated(model):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pkm_distributed.clip_grad_norm_(model, MAX_NORM)
+
+
 def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 parameters are DTensors
 
@@ -252,9 +262,41 @@ def _scenario_ddp(rank, world):
     ref, data = _model_and_data(rank, world, torch.float64)
     model = shard_values(copy.deepcopy(ref))
     ddp = nn.parallel.DistributedDataParallel(model)
-    grads = _train_step(ddp, data[rank], world, lambda ddp: _clip_sharded(ddp.module))
+    grads = _train_step(ddp, data[rank], world, lambda ddp: _clip_sharded_deprecated(ddp.module))
     grads = {n.removeprefix("module."): g for n, g in grads.items()}
     return _compare_step(model, ref, grads, _train_step(ref, data, world, _clip_one_process))
+
+
+def _scenario_clip_norm_types(rank, world):
+    """clip_grad_norm_ with norm types 1 and inf (dense and sparse tables) equals torch's in one process."""
+    pairs = {}
+    for norm_type in (1.0, float("inf")):
+        for sparse in (False, True):
+            ref, data = _model_and_data(rank, world, torch.float64)
+            model = shard_values(copy.deepcopy(ref))
+            ddp = nn.parallel.DistributedDataParallel(model)
+            if sparse:
+                model.mem.values.sparse = True
+            _loss(ddp(*data[rank]), data[rank][1]).backward()
+            total = clip_grad_norm_(model, 1e-3, norm_type)
+            sum(_loss(ref(*d), d[1]) for d in data).div(world).backward()
+            expected = nn.utils.clip_grad_norm_(ref.parameters(), 1e-3, norm_type)
+            key = f"norm {norm_type} sparse={sparse}"
+            pairs[f"{key} total"] = (total, expected)
+            shard = model.mem.values
+            cols = slice(shard.column_start, shard.column_start + shard.weight.shape[1])
+            pairs[f"{key} grad table"] = (_dense(shard.weight.grad), ref.mem.values.weight.grad[:, cols])
+            ref_params = dict(ref.named_parameters())
+            for name, p in model.named_parameters():
+                if p is not shard.weight:
+                    pairs[f"{key} grad {name}"] = (p.grad, ref_params[name].grad)
+    try:  # every rank holds the same tables: both raise, neither waits for the other
+        clip_grad_norm_(model, 1.0, 0.0)
+        refused = False
+    except ValueError:
+        refused = True
+    pairs["norm_type 0 with sharded tables is refused"] = (torch.tensor(refused), torch.tensor(True))
+    return pairs
 
 
 def _dense(t):
@@ -287,6 +329,21 @@ def _scenario_fsdp2(rank, world):
     return pairs
 
 
+def _scenario_mismatched_sizes(rank, world):
+    """ShardedValues built with another size on each rank: a ValueError on every rank, no deadlock."""
+    pairs = {}
+    for name, args in (("dim", (10, 8 + rank)), ("slots", (10 + rank, 8))):
+        try:
+            ShardedValues(*args)
+            message = ""
+        except ValueError as e:
+            message = str(e)
+        pairs[f"{name} refused"] = (torch.tensor("same num_embeddings, embedding_dim" in message), torch.tensor(True))
+    table = ShardedValues(10, 8)  # the group still works afterwards
+    pairs["then builds"] = (torch.tensor(table.full_weight().shape), torch.tensor([10, 8]))
+    return pairs
+
+
 SCENARIOS = {
     "read": _scenario_read,
     "gradcheck": _scenario_gradcheck,
@@ -294,6 +351,8 @@ SCENARIOS = {
     "value_layouts": _scenario_value_layouts,
     "ddp": _scenario_ddp,
     "ddp_sparse": _scenario_ddp_sparse,
+    "clip_norm_types": _scenario_clip_norm_types,
+    "mismatched_sizes": _scenario_mismatched_sizes,
     "fsdp2": _scenario_fsdp2,
 }
 
@@ -359,6 +418,16 @@ def test_ddp_step_matches_one_process(results, rank):
 @pytest.mark.parametrize("rank", range(WORLD))
 def test_ddp_sparse_step_matches_one_process(results, rank):
     _compare(results[rank]["ddp_sparse"], rank)
+
+
+@pytest.mark.parametrize("rank", range(WORLD))
+def test_clip_norm_types_match_one_process(results, rank):
+    _compare(results[rank]["clip_norm_types"], rank)
+
+
+@pytest.mark.parametrize("rank", range(WORLD))
+def test_sizes_that_differ_between_ranks_are_refused_on_every_rank(results, rank):
+    _compare(results[rank]["mismatched_sizes"], rank)
 
 
 @pytest.mark.parametrize("rank", range(WORLD))

@@ -145,3 +145,102 @@ def test_state_dict_round_trip_and_loading_adam_state():
         ref.step(), ours.step(), reloaded.step(), adam_state.step()
     for t in (p, q, from_adam):
         assert_close(t, p_ref, atol=0, rtol=0)
+
+
+OPTIONS = [dict(maximize=True), dict(amsgrad=True), dict(decoupled_weight_decay=True, weight_decay=0.1),
+           dict(amsgrad=True, maximize=True, weight_decay=0.1)]
+
+
+def _grads(shape, steps=5):
+    # growing then shrinking gradients, so amsgrad's running maximum differs from the plain second moment
+    return [torch.randn(shape) * (3.0 if i in (1, 2) else 0.3) for i in range(steps)]
+
+
+@pytest.mark.parametrize("as_sparse", [False, True])
+@pytest.mark.parametrize("how", ["constructor", "group", "add_param_group", "edited"])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o))
+def test_adam_options_equal_adam_in_every_way_of_setting_them(options, how, as_sparse):
+    p_ref = torch.nn.Parameter(torch.randn(30, 6))
+    p = torch.nn.Parameter(p_ref.detach().clone())
+    ref = torch.optim.Adam([p_ref], foreach=False, **HYPER, **options)
+    if how == "constructor":
+        ours = SparseRowAdam([p], chunk_bytes=40, **HYPER, **options)
+    elif how == "group":
+        ours = SparseRowAdam([{"params": [p], **options}], chunk_bytes=40, **HYPER)
+    elif how == "add_param_group":
+        ours = SparseRowAdam([torch.nn.Parameter(torch.zeros(1))], chunk_bytes=40, **HYPER)
+        ours.add_param_group({"params": [p], **options})
+    else:
+        ours = SparseRowAdam([p], chunk_bytes=40, **HYPER)
+        ours.param_groups[0].update(options)
+    for g in _grads(p.shape):
+        p_ref.grad = g.clone()
+        p.grad = g.to_sparse(sparse_dim=1) if as_sparse else g.clone()
+        ref.step(), ours.step()
+        assert_close(p, p_ref, atol=0, rtol=0)
+    for key in ref.state[p_ref]:
+        assert_close(ours.state[p][key], ref.state[p_ref][key], atol=0, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o))
+def test_adam_options_on_sparse_rows_touch_those_rows_only(options):
+    rows = torch.tensor([1, 4, 5, 9])
+    full = torch.nn.Parameter(torch.randn(12, 3))
+    sub = torch.nn.Parameter(full.detach()[rows].clone())
+    start = full.detach().clone()
+    ours = SparseRowAdam([full], **HYPER, **options)
+    ref = torch.optim.Adam([sub], foreach=False, **HYPER, **options)
+    for g in _grads((len(rows), 3)):
+        full.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), g, full.shape)
+        sub.grad = g.clone()
+        ours.step(), ref.step()
+    assert_close(full.detach()[rows], sub.detach(), atol=0, rtol=0)
+    untouched = torch.ones(12, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(full.detach()[untouched], start[untouched])
+
+
+def test_group_options_that_would_be_ignored_are_refused():
+    p = torch.nn.Parameter(torch.randn(3))
+    p.grad = torch.ones(3)
+    bad = [dict(fused=True), dict(capturable=True), dict(differentiable=True), dict(momentum=0.9),
+           dict(nesterov=True), dict(amsgrad="yes"), dict(maximize=1), dict(lr=-1.0)]
+    for options in bad:
+        key = next(iter(options))
+        with pytest.raises(ValueError, match=key):
+            SparseRowAdam([{"params": [p], **options}])
+        opt = SparseRowAdam([torch.nn.Parameter(torch.zeros(1))])
+        with pytest.raises(ValueError, match=key):
+            opt.add_param_group({"params": [p], **options})
+        opt = SparseRowAdam([p])
+        opt.param_groups[0].update(options)
+        before = p.detach().clone()
+        with pytest.raises(ValueError, match=key):
+            opt.step()
+        assert torch.equal(p.detach(), before), "a refused step changes nothing"
+    # Adam's switches at values that change nothing, and bookkeeping keys, are accepted
+    fine = dict(foreach=True, fused=None, capturable=False, differentiable=False, initial_lr=0.1, name="values")
+    SparseRowAdam([{"params": [p], **fine}]).step()
+
+
+def test_loads_an_amsgrad_adam_state_and_a_state_without_the_new_options():
+    import copy
+
+    p_ref, p, ref, _ = _pair(amsgrad=True)
+    for g in _grads(p.shape, 3):
+        p_ref.grad = g.clone()
+        ref.step()
+    q = torch.nn.Parameter(p_ref.detach().clone())
+    ours = SparseRowAdam([q], **HYPER)
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))  # loading shares the tensors of its argument
+    assert ours.param_groups[0]["amsgrad"]
+    old = ours.state_dict()
+    for key in ("amsgrad", "maximize", "decoupled_weight_decay", "foreach", "fused", "capturable", "differentiable"):
+        old["param_groups"][0].pop(key, None)  # a 0.4.0 SparseRowAdam state dict
+    legacy = SparseRowAdam([torch.nn.Parameter(q.detach().clone())], **HYPER)
+    legacy.load_state_dict(old)
+    assert legacy.param_groups[0]["maximize"] is False
+    for g in _grads(p.shape, 2):
+        p_ref.grad, q.grad = g.clone(), g.clone()
+        ref.step(), ours.step()
+    assert_close(q, p_ref, atol=0, rtol=0)

@@ -181,3 +181,65 @@ def test_tracker_does_not_sync_on_cuda():
             pkm.values(indices.flatten(-2), torch.where(mask.view(-1, 1, 1), weights, 0.0).flatten(-2))
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_concurrent_forwards_of_one_layer_count_exactly():
+    import threading
+
+    pkm = PKM(16, heads=2, num_keys=128, topk=4, dim_head=8)
+    tracker = MemoryUsageTracker(pkm)
+    g = torch.Generator().manual_seed(0)
+    calls = [(torch.randint(128**2, (64, 2, 4), generator=g), torch.rand(64, 2, 4, generator=g)) for _ in range(8)]
+    rounds = 10
+    with tracker:
+        barrier = threading.Barrier(len(calls))
+
+        def run(indices, weights):
+            barrier.wait()
+            for _ in range(rounds):
+                pkm.values(indices.flatten(-2), weights.flatten(-2))  # how the layer reads its table
+
+        threads = [threading.Thread(target=run, args=call) for call in calls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    every = torch.cat([i.reshape(-1) for i, _ in calls])
+    weights = torch.cat([w.reshape(-1) for _, w in calls]).double()
+    c = tracker.counts("pkm")
+    assert torch.equal(c["reads"], torch.bincount(every, minlength=128**2) * rounds)
+    expected = torch.zeros(128**2, dtype=torch.float64).index_add_(0, every, weights) * rounds
+    torch.testing.assert_close(c["mass"], expected)
+    assert int(c["tokens"]) == 64 * len(calls) * rounds
+
+
+def test_a_deep_copy_of_a_tracked_model_can_be_tracked_on_its_own():
+    import copy
+    import pickle
+
+    model = nn.Sequential(nn.Linear(16, 16), small_pkm())
+    x = torch.randn(4, 16)
+    tracker = MemoryUsageTracker(model).attach()
+    model(x)
+    twin = copy.deepcopy(model)
+    pickle.loads(pickle.dumps(model))(x)  # a pickled tracked model loads and runs
+    with MemoryUsageTracker(twin) as twin_tracker:
+        twin(x)
+        twin(x)
+    assert twin_tracker.stats()["1"]["tokens"] == 8
+    assert tracker.stats()["1"]["tokens"] == 4, "the copy's reads are not the original's"
+    model(x)
+    assert tracker.stats()["1"]["tokens"] == 8
+    with pytest.raises(TypeError, match="new one"):
+        copy.deepcopy(tracker)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, float("inf")])
+@pytest.mark.parametrize("argument", ["reads", "mass"])
+def test_statistics_refuse_counts_that_are_not_counts(argument, bad):
+    counts = dict(reads=torch.tensor([4.0, 0.0, 3.0]), mass=torch.tensor([1.0, 0.0, 2.0]))
+    counts[argument][1] = bad
+    with pytest.raises(ValueError, match=f"{argument} must hold finite counts >= 0, got {bad} at slot 1"):
+        usage_statistics(**counts)
+    with pytest.raises(ValueError, match="tokens"):
+        usage_statistics(torch.tensor([1, 2]), tokens=-3)

@@ -67,6 +67,7 @@ def add_pkm(model: nn.Module, layers: Union[int, Iterable[int]], *, mlp_attr: st
         mlp_attr: name of the feedforward inside a block.
         pkm_kwargs: arguments of :class:`~product_key_memory.PKM` besides ``dim`` (taken from
             ``config.hidden_size``); plain values only, since they are saved in the config.
+            Not ``values``, ``device`` or ``dtype`` (``TypeError``): the PKMs follow the model.
 
     Returns:
         ``model``, whose ``config.pkm`` records the swap. The new PKMs are freshly
@@ -76,6 +77,14 @@ def add_pkm(model: nn.Module, layers: Union[int, Iterable[int]], *, mlp_attr: st
         raise ValueError(f"model already has PKM layers {getattr(model.config, CONFIG_KEY)}; call add_pkm once")
     if "values" in pkm_kwargs:
         raise TypeError("add_pkm does not take values= (a shared table cannot be saved in the config)")
+    placed = sorted({"device", "dtype"} & set(pkm_kwargs))
+    if placed:
+        # from_pretrained(torch_dtype=...) and model.to(...) place every module alike, so a PKM-only
+        # dtype or device could not survive a save and load
+        raise TypeError(
+            f"add_pkm does not take {' or '.join(placed)}=: the PKMs are made on the device and in the dtype of the "
+            "model's parameters; move or cast the model (model.to(...)) before or after add_pkm"
+        )
     depth = len(find_blocks(model, mlp_attr))
     layers = _layer_list(layers, depth)
     _swap(model, layers, mlp_attr, pkm_kwargs)

@@ -100,3 +100,14 @@ def test_bad_arguments_are_named(model):
         add_pkm(model, [1], **PKM_KWARGS)
     with pytest.raises(TypeError, match="config"):
         find_blocks(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    "placement", [dict(dtype=torch.float64), dict(device="cpu"), dict(dtype=torch.float16, device="cpu")]
+)
+def test_add_pkm_refuses_its_own_dtype_and_device(model, placement):
+    with pytest.raises(TypeError, match="add_pkm does not take .*(dtype|device)=.*model.to"):
+        add_pkm(model, [1], **placement, **PKM_KWARGS)
+    assert not getattr(model.config, "pkm", None), "nothing recorded"
+    add_pkm(model.to(torch.float64), [1], **PKM_KWARGS)  # the way to get a float64 PKM
+    assert find_blocks(model)[1].mlp.keys.dtype == torch.float64
