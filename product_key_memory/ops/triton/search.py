@@ -180,11 +180,9 @@ def product_key_search(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor
 def product_key_search_reference(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
     """Brute force over all ``K * K`` slots, ties to the lower slot: the specification."""
     q, k = queries.float(), keys.float()
-    K = keys.shape[2]
     s1 = torch.einsum("nhd,hkd->nhk", q[:, :, 0], k[:, 0])
     s2 = torch.einsum("nhd,hkd->nhk", q[:, :, 1], k[:, 1])
     full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (N, H, K * K), slot order
     full = torch.where(full == 0, torch.zeros_like(full), full)  # -0.0 == +0.0
     order = full.sort(dim=-1, descending=True, stable=True).indices[..., :topk]
-    assert K * K == full.shape[-1]
     return full.gather(-1, order), order
