@@ -286,7 +286,6 @@ def run_phases(lib, model, x, x_dec, precision, device, timer, peer, record):
         model.zero_grad(set_to_none=True)
         if lib != "0.3.0":
             model.values.sparse = False
-        del opt
         gc.collect()
 
 
@@ -328,7 +327,6 @@ def bench_reads(config, spec, layer, device, timer, copy_bps) -> list:
             rows.append(dict(config=config, precision=str(dtype).replace("torch.", ""), phase=phase, lib=lib, **res))
             print(f"{config:9s} {rows[-1]['precision']:8s} {phase:9s} {lib:12s} {res['median_ms']:10.3f} ms "
                   f"{res['gbps']:9.2f} GB/s  {res['fraction_of_copy']:.2%} of copy")
-        del table, bag
         gc.collect()
     return rows
 

@@ -252,7 +252,8 @@ def test_sparse_adam_equals_reference(D, dtype, moment_dtype, weight_decay, maxi
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay, step=3, maximize=maximize)
     sparse_adam_step_(*state, rows, grad_rows, **kw)
     sparse_adam_step_reference_(*ref_state, rows, grad_rows, **kw)
-    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 and moment_dtype == torch.float32 else TOL[torch.bfloat16]
+    all_fp32 = dtype == torch.float32 and moment_dtype == torch.float32
+    tol = dict(atol=1e-6, rtol=1e-6) if all_fp32 else TOL[torch.bfloat16]
     for name, got, want in zip(("param", "exp_avg", "exp_avg_sq"), state, ref_state):
         assert_close(got, want, **tol, msg=name)
 
@@ -298,7 +299,9 @@ def test_sparse_adam_untouched_rows_and_empty():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("K,topk,dtype", [(256, 32, torch.float32), (1024, 32, torch.bfloat16), (512, 64, torch.float16)])
+@pytest.mark.parametrize(
+    "K,topk,dtype", [(256, 32, torch.float32), (1024, 32, torch.bfloat16), (512, 64, torch.float16)]
+)
 def test_cuda_search_real_sizes(K, topk, dtype):
     check_search(*exact_inputs(64, 4, K, 128, dtype, lo=-2, hi=2), topk)
     check_search(*exact_inputs(8, 4, K, 128, dtype, lo=0, hi=0), topk)  # all ties

@@ -180,7 +180,8 @@ def value_read_backward(
         _read_backward_kernel[(U,)](
             g, values, dummy if w is None else w, dummy if trainable is None else trainable.view(torch.uint8),
             slots, order, starts, counts,
-            dummy if rows is None else rows, dummy if has is None else has, dummy if grad_weights is None else grad_weights,
+            dummy if rows is None else rows, dummy if has is None else has,
+            dummy if grad_weights is None else grad_weights,
             m, D, g.stride(0),
             HAS_W=w is not None, HAS_MASK=trainable is not None, NEED_VG=need_values_grad, NEED_WG=need_wg,
             BLOCK_R=16, BLOCK_D=block_d,
