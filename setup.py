@@ -17,7 +17,7 @@ setup(
         "colt5-attention>=0.10.14",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "numpy", "matplotlib>=3.7",
+        "test": ["pytest>=7", "hypothesis>=6", "numpy", "matplotlib>=3.7", "triton",
                  "transformers>=4.40", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "plot": ["matplotlib>=3.7"],
         "examples": ["tqdm>=4.60", "matplotlib>=3.7"],

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_positive_int
-from .ops import empty_hugepage
+from .ops import backend_for, empty_hugepage
 from .tables import ValueTable
 
 __all__ = ["fetch_pkm_value_parameters", "fetch_optimizer_parameters", "SparseRowAdam", "build_optimizer"]
@@ -191,6 +191,14 @@ class SparseRowAdam(torch.optim.Optimizer):
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         max_sq = state["max_exp_avg_sq"] if group["amsgrad"] else None
         wd, decoupled = group["weight_decay"], group["decoupled_weight_decay"]
+        if max_sq is None and not decoupled and p.is_contiguous() and backend_for(p.device) == "triton":
+            from .ops.triton import adam  # one kernel updates the rows in place
+
+            adam.sparse_adam_step_(
+                p, exp_avg, exp_avg_sq, rows, values, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=wd, step=state["step"].item(), maximize=group["maximize"],
+            )
+            return
         row_bytes = max(1, values[0].numel() * values.element_size())
         chunk = max(1, self.chunk_bytes // row_bytes)
         for start in range(0, rows.numel(), chunk):

@@ -96,7 +96,7 @@ def _backend(device: torch.device):
         return cpu
     if name == "reference":
         return reference
-    from . import triton as triton_backend  # imports Triton only when used
+    from .triton import backend as triton_backend  # imports Triton only when used
 
     return triton_backend
 
