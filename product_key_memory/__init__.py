@@ -7,6 +7,7 @@ from .norms import MaskedBatchNorm, QueryLayerNorm
 from .optim import SparseRowAdam, build_optimizer, fetch_optimizer_parameters, fetch_pkm_value_parameters
 from .pkm import PKM, ProductKeyMemory
 from .pool import ValuePool
+from .quantized import QuantizedValues, quantize_values_
 from .tables import EmbeddingValues, ValueTable
 from .transformer import TransformerLM, lm_loss
 from .usage import MemoryUsageTracker, save_usage_plot, usage_statistics
@@ -21,6 +22,8 @@ __all__ = [
     "ValuePool",
     "ValueTable",
     "EmbeddingValues",
+    "QuantizedValues",
+    "quantize_values_",
     "ShardedValues",
     "shard_values",
     "sharded_parameters",
