@@ -304,6 +304,7 @@ def quantize_values_(model: nn.Module, dtype: Union[torch.dtype, str]) -> nn.Mod
         quantize_values_(model, torch.int8)   # the same buffers as the saved model
         model.load_state_dict(torch.load("quantized.pt"))
 
+    A model without any :class:`~product_key_memory.ValueTable` raises ``ValueError``.
     Tables of other types need a ``quantized(format)`` method (``format`` one of
     :data:`QUANTIZED_FORMATS`); without it, and for ``ShardedValues``, this raises
     ``TypeError`` naming the table's path.
@@ -323,4 +324,9 @@ def quantize_values_(model: nn.Module, dtype: Union[torch.dtype, str]) -> nn.Mod
             if id(child) not in done:
                 done[id(child)] = _quantized_version(child, fmt, path)
             setattr(parent, name, done[id(child)])
+    if not done:
+        raise ValueError(
+            f"quantize_values_: no ValueTable found in {type(model).__name__}; value tables are found by "
+            f"isinstance(module, ValueTable) (a PKM whose values are a plain nn.EmbeddingBag has none)"
+        )
     return model

@@ -201,3 +201,20 @@ def test_format_names_and_bytes():
     assert sizes == dict(bfloat16=10 * 128, float16=10 * 128, int8=10 * 72, int4=10 * 36)
     with pytest.raises(ValueError, match="even"):
         QuantizedValues(10, 7, format="int4")
+
+
+def test_quantize_values_without_tables_raises():
+    with pytest.raises(ValueError, match="no ValueTable found in Sequential"):
+        quantize_values_(nn.Sequential(nn.Linear(2, 2)), torch.int8)
+
+
+def test_docs_snippets_run(tmp_path, monkeypatch):
+    import pathlib
+    import re
+
+    doc = pathlib.Path(__file__).resolve().parent.parent / "docs" / "inference.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert blocks, "docs/inference.md has no python snippets"
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, str(doc), "exec"), {})
