@@ -33,7 +33,8 @@ axis varied alone around it (the others at the README values), and three corners
 small; many slots and few reads; few slots and many reads) and a large one (all at the
 top, 2048 tokens: 8192 would need ~10 GB for both libraries' dense gradients). Each
 point alternates the libraries on every repeat; inputs of 1 and 16 tokens repeat the
-call inside each timed sample. About 10 minutes on 2 quiet cores.
+call inside each timed sample. Meant to take about 10 minutes on 2 quiet cores (not yet seen:
+the first run, on a machine at load 6-8, managed 5 points in 15 minutes).
 """
 
 from __future__ import annotations
