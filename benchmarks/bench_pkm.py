@@ -2,6 +2,7 @@
 
     python benchmarks/bench_pkm.py            # full run, writes benchmarks/results/bench_pkm.json
     python benchmarks/bench_pkm.py --quick    # fewer repeats, 2 threads only
+    python benchmarks/bench_pkm.py --sweep    # the size sweep below, writes bench_pkm_sweep.json
 
 Configurations: ``readme`` (dim=512, heads=4, dim_head=128, num_keys=256, topk=32,
 input (1, 1024, 512)), ``keys1024`` (the same with num_keys=1024: 1M slots), and
@@ -22,6 +23,18 @@ library after the other (their optimizer states would not fit together at 1M slo
 Reported: median and min-max in ms, ratio = 0.3.0 median / our median, and the
 ratio of the minimums (less sensitive to other processes on a shared machine).
 Not a test: nothing here asserts timings.
+
+``--sweep`` (issue 12, item 3) times ``forward`` (eval, no grad) and ``fwd+bwd`` (train,
+dense value gradient: the default) of both libraries over a sample of the grid
+``num_keys`` 128-1024, ``heads`` 1-8, ``dim_head`` 64-256, ``topk`` 8-64, 1-8192 tokens,
+at 1 and 2 threads (``dim=512``). The full grid is 4 * 4 * 3 * 4 * 5 = 960 points per
+thread count, hours on 2 cores, so it is sampled: the README config, every value of each
+axis varied alone around it (the others at the README values), and three corners (all
+small; many slots and few reads; few slots and many reads) and a large one (all at the
+top, 2048 tokens: 8192 would need ~10 GB for both libraries' dense gradients). Each
+point alternates the libraries on every repeat; inputs of 1 and 16 tokens repeat the
+call inside each timed sample. Meant to take about 10 minutes on 2 quiet cores (not yet seen:
+the first run, on a machine at load 6-8, managed 5 points in 15 minutes).
 """
 
 from __future__ import annotations
@@ -51,15 +64,26 @@ CONFIGS = {
     "keys1024": dict(num_keys=1024, shape=(1, 1024, 512), phases=("forward", "fwd+bwd", "fwd+bwd dense", "step")),
     "decode": dict(num_keys=256, shape=(1, 1, 512), phases=("forward",)),
 }
+SWEEP_BASE = dict(num_keys=256, heads=4, dim_head=128, topk=32, tokens=1024)
+SWEEP_AXES = dict(num_keys=(128, 512, 1024), heads=(1, 2, 8), dim_head=(64, 256), topk=(8, 16, 64),
+                  tokens=(1, 16, 256, 8192))
+SWEEP_CORNERS = (
+    dict(num_keys=128, heads=1, dim_head=64, topk=8, tokens=1),
+    dict(num_keys=128, heads=1, dim_head=64, topk=8, tokens=1024),
+    dict(num_keys=1024, heads=1, dim_head=64, topk=8, tokens=1024),
+    dict(num_keys=128, heads=8, dim_head=256, topk=64, tokens=1024),
+    dict(num_keys=1024, heads=8, dim_head=256, topk=64, tokens=2048),
+)
 ALLOCATOR_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
                  "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
 
 
-def make_pair(num_keys: int, seed: int = 0):
+def make_pair(num_keys: int, seed: int = 0, **layer):
     peer = load_peer()
     torch.manual_seed(seed)
-    ours = PKM(num_keys=num_keys, **LAYER)
-    theirs = peer.PKM(num_keys=num_keys, **LAYER)
+    layer = {**LAYER, **layer}
+    ours = PKM(num_keys=num_keys, **layer)
+    theirs = peer.PKM(num_keys=num_keys, **layer)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     return ours, theirs, peer
 
@@ -215,6 +239,65 @@ def bench_memory(config: str, threads: int) -> dict:
     return res
 
 
+# -- sweep ---------------------------------------------------------------------------------------
+
+
+def sweep_points():
+    """The README config, each axis varied alone, then the corners (no duplicates)."""
+    points = [dict(SWEEP_BASE)]
+    for axis, vals in SWEEP_AXES.items():
+        points += [{**SWEEP_BASE, axis: v} for v in vals]
+    points += [dict(c) for c in SWEEP_CORNERS]
+    unique = []
+    for p in points:
+        if p not in unique:
+            unique.append(p)
+    return unique
+
+
+def run_sweep(args) -> dict:
+    results = dict(meta=dict(torch=torch.__version__, cpu_count=os.cpu_count(), loadavg_start=os.getloadavg(),
+                             time_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), repeats=args.repeats),
+                   rows=[])
+    for point in sweep_points():
+        tokens = point["tokens"]
+        layer = {k: v for k, v in point.items() if k not in ("tokens", "num_keys")}
+        ours, theirs, _ = make_pair(point["num_keys"], **layer)
+        x = torch.randn(1, tokens, LAYER["dim"])
+        inner = 50 if tokens == 1 else (10 if tokens <= 16 else 1)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for phase in ("forward", "fwd+bwd"):
+                if phase == "forward":
+                    f_ours, f_peer = forward_fns(ours, theirs, x)
+                else:
+                    f_ours, f_peer = fwd_bwd_fns(ours, theirs, x, sparse=False)
+                r = bench_alternating({"ours": f_ours, "peer": f_peer}, args.repeats, warmup=1, inner=inner)
+                ours.zero_grad(set_to_none=True), theirs.zero_grad(set_to_none=True)
+                row = dict(config=point, threads=threads, phase=phase, ours=r["ours"], peer=r["peer"],
+                           ratio=r["peer"]["median_ms"] / r["ours"]["median_ms"],
+                           ratio_of_minimums=r["peer"]["min_ms"] / r["ours"]["min_ms"])
+                results["rows"].append(row)
+                name = " ".join(f"{k}={v}" for k, v in point.items())
+                print(f"{name:<55} {threads}T {phase:<8} ours {r['ours']['median_ms']:9.3f} ms  "
+                      f"0.3.0 {r['peer']['median_ms']:9.3f} ms  0.3.0/ours {row['ratio']:5.2f}x", flush=True)
+        del ours, theirs, x
+        gc.collect()
+    results["meta"]["loadavg_end"] = os.getloadavg()
+    return results
+
+
+def sweep_table(results) -> str:
+    lines = ["| num_keys | heads | dim_head | topk | tokens | threads | phase | ours ms | 0.3.0 ms | 0.3.0 / ours |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        c = row["config"]
+        lines.append(f"| {c['num_keys']} | {c['heads']} | {c['dim_head']} | {c['topk']} | {c['tokens']} | "
+                     f"{row['threads']} | {row['phase']} | {row['ours']['median_ms']:.3g} | "
+                     f"{row['peer']['median_ms']:.3g} | {row['ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -319,6 +402,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="also print where a training step's time goes")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_pkm.json")
+    parser.add_argument("--sweep", action="store_true", help="the size sweep (forward, fwd+bwd) instead of the configs")
     parser.add_argument("--_memory-child", nargs=3, metavar=("LIB", "CONFIG", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory_child:
@@ -327,6 +411,16 @@ def main(argv=None):
         return
     if args.threads is None:
         args.threads = [2] if args.quick else [1, 2]
+    if args.sweep:
+        args.repeats = 3 if args.quick else min(args.repeats, 5)
+        results = run_sweep(args)
+        print()
+        print(sweep_table(results))
+        out = args.out.with_name("bench_pkm_sweep.json") if args.out.name == "bench_pkm.json" else args.out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        print(f"\nwrote {out}")
+        return
     results = run(args)
     print()
     print(markdown_table(results))

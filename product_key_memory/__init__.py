@@ -18,6 +18,7 @@ from .optim import SparseRowAdam, build_optimizer, fetch_optimizer_parameters, f
 from .output import MemoryOutput
 from .pkm import PKM, ProductKeyMemory
 from .pool import ValuePool
+from .quantized import QuantizedValues, quantize_values_
 from .query import QueryNetwork
 from .scoring import Scoring
 from .tables import EmbeddingValues, ValueTable
@@ -48,6 +49,8 @@ __all__ = [
     "EmbeddingValues",
     "MemoryPlus",
     "ValuePool",
+    "QuantizedValues",
+    "quantize_values_",
     "ShardedValues",
     "shard_values",
     "sharded_parameters",

@@ -1,0 +1,157 @@
+"""Inference with quantized value tables against product-key-memory 0.3.0, side by side in one process.
+
+    python benchmarks/bench_inference.py            # 1 and 2 threads, writes benchmarks/results/bench_inference.json
+    python benchmarks/bench_inference.py --batch8   # also the (8, 1024, 512) forward
+
+Layer: the README config (dim=512, heads=4, num_keys=256, topk=32, dim_head=128; 65,536
+slots); ``--num-keys 1024`` for a 1M-slot table. For each table format (fp32, bf16, fp16,
+int8, int4) the script reports:
+
+* ``table MiB``: bytes of the stored table (and, by the same formula, of a 1M-slot
+  ``dim=1024`` table);
+* ``forward``: eval, no grad, input ``(1, 1024, 512)`` (and ``(8, 1024, 512)``);
+  ``decode``: input ``(1, 1, 512)``, 100 calls per timed sample;
+* accuracy of the layer output against the float32 layer on the same input:
+  ``max |err| / rms(out)`` and ``mean |err| / mean |out|``; and of the stored rows:
+  ``max |err| / rms(table)``.
+
+``fp32`` is ``PKM.forward``. The quantized formats run the layer's stages with the
+read done by the :class:`~product_key_memory.QuantizedValues` table
+(``queries -> search -> table(indices, weights)``): in this branch ``PKM`` still reads its
+``nn.EmbeddingBag`` weight directly. ``fp32 staged`` is the same staged path with the
+float table, so the gain of the format and of skipping ``PKM.forward``'s per-call work
+can be told apart. Every row alternates with 0.3.0 on every repeat; ratio = 0.3.0
+median / ours median. Not a test: nothing here asserts timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.peer import load_peer  # noqa: E402
+from product_key_memory import PKM, EmbeddingValues, quantize_values_  # noqa: E402
+from product_key_memory.quantized import row_bytes  # noqa: E402
+
+LAYER = dict(dim=512, heads=4, topk=32, dim_head=128)
+FORMATS = ("fp32", "fp32 staged", "bf16", "fp16", "int8", "int4")
+QUANT = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8, "int4": "int4"}
+
+
+def staged_forward(pkm: PKM, table, x: torch.Tensor) -> torch.Tensor:
+    """PKM's eval forward (no mask, no concat) with its read done by ``table``."""
+    flat = x.reshape(-1, pkm.dim)
+    weights, indices = pkm.search(pkm.queries(flat))  # (N, H, topk)
+    return table(indices.flatten(-2), weights.flatten(-2)).view_as(x)
+
+
+def build(num_keys: int, seed: int = 0):
+    peer = load_peer()
+    torch.manual_seed(seed)
+    ours = PKM(num_keys=num_keys, **LAYER).eval()
+    theirs = peer.PKM(num_keys=num_keys, **LAYER).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    float_table = EmbeddingValues(num_keys**2, LAYER["dim"])
+    with torch.no_grad():
+        float_table.weight.copy_(ours.values.weight)
+    tables = {"fp32 staged": float_table}
+    for name, fmt in QUANT.items():
+        tables[name] = quantize_values_(float_table, fmt)  # a table alone: returns its quantized copy
+    return ours, theirs, tables
+
+
+def forward_fn(ours, tables, fmt, x):
+    if fmt == "fp32":
+        return lambda: ours(x)
+    table = tables[fmt]
+    return lambda: staged_forward(ours, table, x)
+
+
+def timed_pair(f_ours, f_peer, repeats: int, inner: int):
+    with torch.no_grad():
+        for f in (f_ours, f_peer):
+            f()
+        samples = {"ours": [], "peer": []}
+        for r in range(repeats):
+            for k, f in ((("ours", f_ours), ("peer", f_peer)) if r % 2 == 0 else (("peer", f_peer), ("ours", f_ours))):
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    f()
+                samples[k].append((time.perf_counter() - t0) / inner * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def accuracy(ours, tables, fmt, x):
+    with torch.no_grad():
+        ref = ours(x)
+        out = forward_fn(ours, tables, fmt, x)()
+        err = (out - ref).abs()
+        w = ours.values.weight
+        stored = w if fmt.startswith("fp32") else tables[fmt].dequantized()
+        row_err = (stored - w).abs()
+    rms = ref.square().mean().sqrt()
+    return dict(out_max=(err.max() / rms).item(), out_mean=(err.mean() / ref.abs().mean()).item(),
+                row_max=(row_err.max() / w.square().mean().sqrt()).item())
+
+
+def table_mib(fmt: str, num_slots: int, dim: int) -> float:
+    if fmt.startswith("fp32"):
+        return num_slots * dim * 4 / 2**20
+    name = {"bf16": "bfloat16", "fp16": "float16"}.get(fmt, fmt)
+    return num_slots * row_bytes(name, dim) / 2**20
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--num-keys", type=int, default=256)
+    p.add_argument("--batch8", action="store_true", help="also time the (8, 1024, 512) forward")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_inference.json")
+    args = p.parse_args(argv)
+    ours, theirs, tables = build(args.num_keys)
+    slots = args.num_keys**2
+    shapes = {"forward (1,1024)": (1, 1024, 512), "decode (1,1)": (1, 1, 512)}
+    if args.batch8:
+        shapes["forward (8,1024)"] = (8, 1024, 512)
+    torch.manual_seed(1)
+    inputs = {k: torch.randn(s) for k, s in shapes.items()}
+    rows = []
+    for fmt in FORMATS:
+        acc = accuracy(ours, tables, fmt, inputs["forward (1,1024)"])
+        rows.append(dict(fmt=fmt, kind="accuracy", table_mib=table_mib(fmt, slots, 512),
+                         table_mib_1m_1024=table_mib(fmt, 2**20, 1024), **acc))
+        print(f"{fmt:<12} table {rows[-1]['table_mib']:8.1f} MiB (1M x 1024: {rows[-1]['table_mib_1m_1024']:7.0f} MiB)  "
+              f"out max|err|/rms {acc['out_max']:.2e}  mean|err|/mean|out| {acc['out_mean']:.2e}  "
+              f"row max|err|/rms {acc['row_max']:.2e}", flush=True)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for shape_name, x in inputs.items():
+            decode = x.shape[1] == 1
+            for fmt in FORMATS:
+                r = timed_pair(forward_fn(ours, tables, fmt, x), lambda: theirs(x),
+                               repeats=args.repeats, inner=100 if decode else 1)
+                row = dict(fmt=fmt, kind=shape_name, threads=threads, ours_ms=r["ours"], peer_ms=r["peer"],
+                           ratio=r["peer"] / r["ours"])
+                rows.append(row)
+                print(f"{threads}T {shape_name:<17} {fmt:<12} ours {r['ours']:9.3f} ms  0.3.0 {r['peer']:9.3f} ms  "
+                      f"0.3.0/ours {row['ratio']:5.2f}x", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(torch=torch.__version__, cpu_count=os.cpu_count(), loadavg=os.getloadavg(), num_keys=args.num_keys,
+                repeats=args.repeats, time_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
+    args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Which value-read backward wins by size: the slot-sorted ``ops.ValueRead`` or autograd of ``F.embedding_bag``.
+
+    python benchmarks/read_backward_routes.py              # 1 and 2 threads, writes benchmarks/results/read_routes.json
+
+Both compute the same forward, value gradient (dense, the default) and weight gradient.
+Timed: forward + backward of ``out.square().mean()`` on a table ``(num_slots, dim)``
+with ``bags * m`` uniform random reads (``m = heads * topk = 128``), the two routes
+alternating on every repeat in one process; median of the repeats, ratio =
+embedding_bag / sorted (> 1: the sorted route is faster). The crossover this prints is
+what ``product_key_memory._routes.choose_read_backward`` encodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from product_key_memory.ops import ValueRead  # noqa: E402
+
+M = 128
+
+
+def routes(values, idx, w):
+    def sorted_route():
+        values.grad = w.grad = None
+        ValueRead.apply(values, idx, w, None, False).square().mean().backward()
+
+    def bag_route():
+        values.grad = w.grad = None
+        F.embedding_bag(idx, values, mode="sum", per_sample_weights=w).square().mean().backward()
+
+    return dict(sorted=sorted_route, embedding_bag=bag_route)
+
+
+def measure(num_slots, dim, reads, repeats):
+    values = torch.randn(num_slots, dim).div_(dim**0.5).requires_grad_()
+    idx = torch.randint(0, num_slots, (reads // M, M))
+    w = torch.rand(reads // M, M, requires_grad=True)
+    fns = routes(values, idx, w)
+    for f in fns.values():
+        f()
+    samples = {k: [] for k in fns}
+    for r in range(repeats):
+        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            t0 = time.perf_counter()
+            fns[k]()
+            samples[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--slots", type=int, nargs="+", default=[128**2, 256**2, 1024**2])
+    p.add_argument("--dims", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--reads", type=int, nargs="+", default=[128, 4096, 32768, 131072, 524288])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "read_routes.json")
+    args = p.parse_args(argv)
+    rows = []
+    print(f"{'T':>2} {'slots':>8} {'dim':>4} {'reads':>7} {'sorted ms':>10} {'emb_bag ms':>10} {'bag/sorted':>10}")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for num_slots in args.slots:
+            for dim in args.dims:
+                for reads in args.reads:
+                    r = measure(num_slots, dim, reads, args.repeats)
+                    row = dict(threads=threads, num_slots=num_slots, dim=dim, reads=reads, **r,
+                               ratio=r["embedding_bag"] / r["sorted"])
+                    rows.append(row)
+                    print(f"{threads:>2} {num_slots:>8} {dim:>4} {reads:>7} {r['sorted']:>10.2f} "
+                          f"{r['embedding_bag']:>10.2f} {row['ratio']:>10.2f}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(torch=torch.__version__, rows=rows), indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
