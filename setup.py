@@ -18,10 +18,11 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "numpy", "matplotlib>=3.7",
-                 "transformers>=4.40", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
+                 "transformers>=4.40", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1", "faiss-cpu>=1.7"],
         "plot": ["matplotlib>=3.7"],
         "examples": ["tqdm>=4.60", "matplotlib>=3.7"],
         "hf": ["transformers>=4.40"],
+        "faiss": ["faiss-cpu>=1.7"],
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
     },
     classifiers=[

@@ -2,6 +2,8 @@
 
 from . import distributed, functional
 from .distributed import ShardedValues, shard_values, sharded_parameters
+from .knn import KNNMemory
+from .knn_attention import KNNAttention
 from .memory_plus import MemoryPlus
 from .norms import MaskedBatchNorm, QueryLayerNorm
 from .optim import SparseRowAdam, build_optimizer, fetch_optimizer_parameters, fetch_pkm_value_parameters
@@ -24,6 +26,8 @@ __all__ = [
     "MaskedBatchNorm",
     "QueryLayerNorm",
     "TransformerLM",
+    "KNNMemory",
+    "KNNAttention",
     "lm_loss",
     "fetch_pkm_value_parameters",
     "fetch_optimizer_parameters",
