@@ -315,7 +315,6 @@ class KNNMemory:
         quantizer = faiss.IndexFlatIP(self.dim)
         index = faiss.IndexIVFFlat(quantizer, self.dim, self.faiss_nlist, faiss.METRIC_INNER_PRODUCT)
         index.nprobe = min(self.faiss_nprobe, self.faiss_nlist)
-        index._quantizer = quantizer  # the IVF index does not own its quantizer's Python object
         return index
 
     def _faiss_add(self, memories: Tensor, keep: Tensor, slots: Tensor) -> None:
