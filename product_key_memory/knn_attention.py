@@ -131,8 +131,9 @@ class KNNAttention(nn.Module):
         mem_kv, mem_mask = knn_memory.search(q, self.num_retrieved_memories)  # (B, H, T, K, 2, d), (B, H, T, K)
         mem_kv = mem_kv.to(q.dtype)
         mem_k, mem_v = mem_kv.unbind(-2)
-        sim = torch.einsum("bhtd,bhtkd->bhtk", q, mem_k) * scale[..., None]
-        sim = sim.float().masked_fill(~mem_mask, torch.finfo(torch.float32).min)
+        sim = torch.einsum("bhtd,bhtkd->bhtk", q, mem_k) * scale  # (B, H, T, K)
+        sim = sim.to(torch.promote_types(sim.dtype, torch.float32))  # softmax in at least fp32
+        sim = sim.masked_fill(~mem_mask, torch.finfo(sim.dtype).min)
         attn = sim.softmax(-1).type_as(q) * mem_mask  # rows with no memory: all zeros
         attn = F.dropout(attn, dropout, self.training)
         memory = torch.einsum("bhtk,bhtkd->bhtd", attn, mem_v)
