@@ -91,7 +91,6 @@ def test_segment_is_written_after_the_forward_detached_and_found_by_the_next():
     attn, memory = make(num_retrieved_memories=5)
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     first = attn(x, knn_memory=memory)
-    _, gate_off = memory.search(torch.randn(2, 1, 4, dtype=torch.float64), 1)
     assert memory.count.tolist() == [5, 5] and not memory.buffer.requires_grad
     k, v = attn.to_kv(x).split(4, dim=-1)
     assert_close(memory.buffer[:, :5, 0], F.normalize(k, dim=-1).detach())
