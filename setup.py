@@ -17,11 +17,12 @@ setup(
         "colt5-attention>=0.10.14",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "numpy", "matplotlib>=3.7", "triton",
+        "test": ["pytest>=7", "hypothesis>=6", "numpy", "matplotlib>=3.7", "triton", "faiss-cpu>=1.7",
                  "transformers>=4.40", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "plot": ["matplotlib>=3.7"],
         "examples": ["tqdm>=4.60", "matplotlib>=3.7"],
         "hf": ["transformers>=4.40"],
+        "faiss": ["faiss-cpu>=1.7"],
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
     },
     classifiers=[

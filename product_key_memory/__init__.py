@@ -11,6 +11,8 @@ from . import distributed, functional, ops
 from .clip import clip_grad_norm_
 from .distributed import ShardedValues, shard_values, sharded_parameters
 from .keys import ProductKeys
+from .knn import KNNMemory
+from .knn_attention import KNNAttention
 from .memory_plus import MemoryPlus
 from .norms import MaskedBatchNorm, QueryLayerNorm
 from .ops import use_backend
@@ -57,6 +59,8 @@ __all__ = [
     "MaskedBatchNorm",
     "QueryLayerNorm",
     "TransformerLM",
+    "KNNMemory",
+    "KNNAttention",
     "lm_loss",
     "fetch_pkm_value_parameters",
     "fetch_optimizer_parameters",

@@ -147,3 +147,55 @@ def test_dense_feedforward_shape():
     ff = FeedForward(16, 40)
     assert ff(torch.randn(2, 5, 16)).shape == (2, 5, 16)
     assert sum(p.numel() for p in ff.parameters()) == 16 * 40 + 40 + 40 * 16 + 16
+
+
+def test_generate_gives_the_training_mode_back_when_it_raises():
+    model = small_lm().train()
+    with pytest.raises(IndexError):
+        model.generate(torch.full((1, 3), 99), 2)  # token ids beyond num_tokens: the embedding raises
+    assert model.training, "generate must restore the mode on an error too"
+
+
+def tied_lm():
+    """Every next-token logit is 16 for tokens 3, 5 and 7 (a three-way tie) and 0 for the others."""
+    model = small_lm()
+    with torch.no_grad():
+        model.norm.weight.zero_()
+        model.norm.bias.fill_(1.0)
+        model.to_logits.weight.zero_()
+        model.to_logits.weight[[3, 5, 7]] = 1.0
+    return model
+
+
+@pytest.mark.parametrize("top_k, allowed", [(1, {3}), (2, {3, 5}), (3, {3, 5, 7})])
+def test_top_k_keeps_exactly_k_tokens_and_ties_go_to_lower_ids(top_k, allowed):
+    model = tied_lm()
+    sample = model.generate(torch.zeros(64, 1, dtype=torch.long), 1, top_k=top_k,
+                            generator=torch.Generator().manual_seed(0))
+    assert set(sample.flatten().tolist()) == allowed
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [(dict(top_k=0), ValueError, "top_k must be None .* got 0"), (dict(top_k=-1), ValueError, "top_k.*-1"),
+     (dict(top_k=2.0), TypeError, "top_k"), (dict(top_k=True), TypeError, "top_k"),
+     (dict(temperature=float("nan")), ValueError, "temperature.*nan"),
+     (dict(temperature=float("inf")), ValueError, "temperature.*finite"),
+     (dict(temperature="1"), TypeError, "temperature")],
+)
+def test_bad_sampling_arguments_name_the_argument(kwargs, error, match):
+    model = small_lm()
+    with pytest.raises(error, match=match):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 2, **kwargs)
+    with pytest.raises(ValueError, match="num_new_tokens"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), -1)
+
+
+def test_top_k_none_and_at_least_vocab_sample_from_every_token():
+    model = tied_lm()
+    with torch.no_grad():
+        model.to_logits.weight.zero_()  # every logit 0: uniform
+    for top_k in (None, 32, 100):
+        sample = model.generate(torch.zeros(400, 1, dtype=torch.long), 1, top_k=top_k,
+                                generator=torch.Generator().manual_seed(0))
+        assert len(set(sample.flatten().tolist())) > 28

@@ -1,0 +1,223 @@
+"""KNNMemory: exact search equals brute force (tie rule included), FIFO ring buffers, scope, state, faiss recall."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from product_key_memory import KNNMemory
+from product_key_memory.knn import KNNMemoryList, exact_search, stable_topk
+
+
+def brute_force(memory: KNNMemory, queries: torch.Tensor, topk: int, rows=None):
+    """Per query: live slots sorted by (inner product desc, slot asc), the first topk; mask where they exist."""
+    rows = range(memory.num_indices) if rows is None else rows
+    slots, masks = [], []
+    for b, i in enumerate(rows):
+        count = int(memory.count[i])
+        keys = memory.buffer[i, :count, 0]
+        scores = queries[b].reshape(-1, memory.dim) @ keys.T  # (m, count)
+        order = scores.sort(dim=-1, descending=True, stable=True).indices[:, :topk]
+        s = torch.zeros(order.shape[0], topk, dtype=torch.long)
+        s[:, :order.shape[1]] = order
+        m = torch.arange(topk) < count
+        slots.append(s)
+        masks.append(m.expand(order.shape[0], topk))
+    return torch.stack(slots), torch.stack(masks)
+
+
+def test_stable_topk_matches_a_stable_sort_with_many_ties():
+    for _ in range(20):
+        scores = torch.randint(0, 4, (3, 5, 40)).float()
+        k = int(torch.randint(1, 41, ()))
+        values, idx = stable_topk(scores, k)
+        ref_values, ref_idx = scores.sort(dim=-1, descending=True, stable=True)
+        assert torch.equal(values, ref_values[..., :k]) and torch.equal(idx, ref_idx[..., :k])
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 4096])
+@pytest.mark.parametrize("topk", [1, 7, 40])
+def test_exact_search_equals_brute_force_with_ties_across_chunks(chunk_size, topk):
+    memory = KNNMemory(4, max_memories=30, num_indices=3, chunk_size=chunk_size)
+    memory.add(torch.randint(-2, 3, (3, 45, 2, 4)).float())  # wraps: 15 oldest overwritten in every row
+    with memory.at_batch_indices([2]):
+        memory.add(torch.randint(-2, 3, (1, 4, 2, 4)).float())
+    memory.clear([1])
+    with memory.at_batch_indices([1]):
+        memory.add(torch.randint(-2, 3, (1, 6, 2, 4)).float())  # row 1 holds 6 < topk=7 or 40
+    queries = torch.randint(-2, 3, (3, 2, 5, 4)).float()  # small ints: many exact ties
+    key_values, mask, slots = memory.search(queries, topk, return_slots=True)
+    ref_slots, ref_mask = brute_force(memory, queries, topk)
+    assert torch.equal(mask.reshape(3, -1, topk), ref_mask), "mask"
+    assert torch.equal(slots.reshape(3, -1, topk), ref_slots), "slots (tie rule: lower slot first)"
+    expected = memory.buffer[torch.arange(3)[:, None, None], ref_slots] * ref_mask[..., None, None]
+    assert torch.equal(key_values.reshape(3, -1, topk, 2, 4), expected), "key_values, zero where masked"
+    assert key_values.shape == (3, 2, 5, topk, 2, 4) and mask.shape == (3, 2, 5, topk)
+
+
+def test_exact_search_function_on_random_floats():
+    queries, keys = torch.randn(2, 9, 8), torch.randn(2, 50, 8)
+    count = torch.tensor([50, 20])
+    scores, slots, mask = exact_search(queries, keys, count, 10, chunk_size=7)
+    for b in range(2):
+        full = queries[b] @ keys[b, : count[b]].T
+        ref = full.topk(10, dim=-1)
+        assert_close(scores[b], ref.values)
+        assert torch.equal(slots[b], ref.indices)
+    assert mask.all()
+
+
+def test_empty_memory_masks_everything():
+    memory = KNNMemory(8, max_memories=16, num_indices=2)
+    key_values, mask = memory.search(torch.randn(2, 3, 8), 4)
+    assert not mask.any() and not key_values.any()
+    memory.add(torch.randn(2, 2, 2, 8))
+    _, mask = memory.search(torch.randn(2, 3, 8), 4)
+    assert torch.equal(mask, (torch.arange(4) < 2).expand(2, 3, 4))
+
+
+def test_ring_buffer_overwrites_only_the_oldest():
+    memory = KNNMemory(2, max_memories=5, num_indices=2)
+    ids = torch.arange(12.0)
+    batches = [ids[:3], ids[3:7], ids[7:8], ids[8:12]]
+    for batch in batches:
+        memories = batch[None, :, None, None].expand(2, -1, 2, 2).clone()
+        memory.add(memories)
+    # 12 added, capacity 5: the last five (7..11) are held, in slots (7..11) % 5
+    held = memory.buffer[0, :, 0, 0]
+    assert torch.equal(held.sort().values, torch.arange(7.0, 12.0))
+    assert torch.equal(held, torch.tensor([10.0, 11.0, 7.0, 8.0, 9.0]))
+    assert memory.count.tolist() == [5, 5] and memory.write_pos.tolist() == [2, 2]
+    memory.add(torch.arange(20.0)[None, :, None, None].expand(2, -1, 2, 2))  # more than capacity at once
+    assert torch.equal(memory.buffer[0, :, 0, 0].sort().values, torch.arange(15.0, 20.0))
+
+
+def test_add_mask_writes_only_the_true_positions_per_row():
+    memory = KNNMemory(1, max_memories=4, num_indices=2)
+    memories = torch.arange(6.0)[None, :, None, None].expand(2, 6, 2, 1).clone()
+    mask = torch.tensor([[True, False, True, False, False, True], [False] * 6])
+    memory.add(memories, mask)
+    assert memory.count.tolist() == [3, 0]
+    assert memory.buffer[0, :3, 0, 0].tolist() == [0.0, 2.0, 5.0]
+    memory.add(memories, torch.tensor([[True] * 6, [False, True] * 3]))  # row 0 wraps past 4
+    assert sorted(memory.buffer[0, :, 0, 0].tolist()) == [2.0, 3.0, 4.0, 5.0]
+    assert memory.buffer[1, :3, 0, 0].tolist() == [1.0, 3.0, 5.0] and memory.count.tolist() == [4, 3]
+
+
+def test_clear_and_at_batch_indices_touch_only_their_rows():
+    memory = KNNMemory(4, max_memories=8, num_indices=3)
+    memory.add(torch.randn(3, 5, 2, 4))
+    before = memory.buffer.clone()
+    with memory.at_batch_indices([2, 0]) as scoped:
+        assert scoped is memory
+        new = torch.randn(2, 2, 2, 4)
+        memory.add(new)
+        _, mask = memory.search(torch.randn(2, 1, 4), 8)
+        assert mask.sum(-1).flatten().tolist() == [7, 7]
+    assert memory.scoped_indices == [0, 1, 2]
+    assert torch.equal(memory.buffer[2, 5:7], new[0]) and torch.equal(memory.buffer[0, 5:7], new[1])
+    assert torch.equal(memory.buffer[1], before[1]) and memory.count.tolist() == [7, 5, 7]
+    memory.clear([0, 2])
+    assert memory.count.tolist() == [0, 5, 0]
+    memory.clear(1)
+    assert memory.count.tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="batch indices"):
+        with memory.at_batch_indices([0, 0]):
+            pass
+    with pytest.raises(ValueError, match="batch_indices"):
+        memory.clear([3])
+    with pytest.raises(ValueError, match="memories"):
+        memory.add(torch.randn(2, 5, 2, 4))  # 3 rows in scope
+
+
+def test_state_dict_round_trip_resumes_the_same_search(tmp_path):
+    memory = KNNMemory(4, max_memories=6, num_indices=2, dtype=torch.float64)
+    memory.add(torch.randn(2, 9, 2, 4, dtype=torch.float64))
+    path = tmp_path / "memory.pt"
+    torch.save(memory.state_dict(), path)
+    resumed = KNNMemory(4, max_memories=6, num_indices=2, dtype=torch.float64,
+                        memmap_filename=str(tmp_path / "buffer.mm"))
+    resumed.load_state_dict(torch.load(path))
+    new, queries = torch.randn(2, 3, 2, 4, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
+    for m in (memory, resumed):
+        m.add(new)
+    a, b = memory.search(queries, 4), resumed.search(queries, 4)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="max_memories"):
+        KNNMemory(4, max_memories=7, num_indices=2).load_state_dict(memory.state_dict())
+
+
+def test_memory_list_clears_scopes_and_saves_every_layer():
+    memories = KNNMemoryList(KNNMemory(4, 8, 2) for _ in range(2))
+    with memories.at_batch_indices([1]):
+        for m in memories:
+            m.add(torch.randn(1, 3, 2, 4))
+    assert [m.count.tolist() for m in memories] == [[0, 3], [0, 3]]
+    state = memories.state_dict()
+    memories.clear()
+    assert all(m.count.sum() == 0 for m in memories)
+    memories.load_state_dict(state)
+    assert [m.count.tolist() for m in memories] == [[0, 3], [0, 3]]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(dim=0), "dim"), (dict(max_memories=-1), "max_memories"), (dict(num_indices=1.5), "num_indices"),
+     (dict(backend="hnsw"), "backend"), (dict(chunk_size=0), "chunk_size"), (dict(dtype=torch.long), "dtype")],
+)
+def test_bad_arguments_name_themselves(kwargs, match):
+    args = dict(dim=4, max_memories=8)
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        KNNMemory(**args)
+
+
+def test_bad_search_arguments():
+    memory = KNNMemory(4, 8, 2)
+    with pytest.raises(ValueError, match="topk"):
+        memory.search(torch.randn(2, 3, 4), 0)
+    with pytest.raises(ValueError, match="queries"):
+        memory.search(torch.randn(2, 3, 5), 2)
+    with pytest.raises(ValueError, match="mask"):
+        memory.add(torch.randn(2, 3, 2, 4), torch.ones(2, 3))
+
+
+@pytest.mark.cuda
+def test_search_on_cuda_equals_cpu():
+    cpu = KNNMemory(16, 300, 2, chunk_size=64)
+    gpu = KNNMemory(16, 300, 2, chunk_size=64, device="cuda")
+    memories, queries = torch.randn(2, 400, 2, 16), torch.randn(2, 4, 20, 16)
+    cpu.add(memories)
+    gpu.add(memories.cuda())
+    a, b = cpu.search(queries, 32, return_slots=True), gpu.search(queries.cuda(), 32, return_slots=True)
+    assert torch.equal(a[2], b[2].cpu()) and torch.equal(a[1], b[1].cpu())
+    loaded = KNNMemory(16, 300, 2)
+    loaded.load_state_dict(gpu.state_dict())
+    assert torch.equal(loaded.buffer, cpu.buffer)
+
+
+def test_faiss_backend_recall_and_fifo_eviction():
+    pytest.importorskip("faiss")
+    torch.manual_seed(0)
+    memory = KNNMemory(16, max_memories=2000, num_indices=2, backend="faiss", faiss_nlist=16, faiss_nprobe=8)
+    exact = KNNMemory(16, max_memories=2000, num_indices=2)
+    queries = torch.randn(2, 50, 16)
+    memory.add(torch.randn(2, 100, 2, 16))  # below faiss_train_size (624): exact search
+    exact.load_state_dict(memory.state_dict())
+    assert torch.equal(memory.search(queries, 8, return_slots=True)[2], brute_force(exact, queries, 8)[0])
+    for _ in range(6):  # 2,500 added to 2,000 slots: the index is trained, then evicts FIFO
+        memory.add(torch.randn(2, 400, 2, 16))
+    assert [ix.ntotal for ix in memory._indexes] == [2000, 2000]
+    exact.load_state_dict({k: v for k, v in memory.state_dict().items() if k != "faiss_indexes"})
+    _, mask, slots = memory.search(queries, 8, return_slots=True)
+    ref, _ = brute_force(exact, queries, 8)
+    recall = sum(len(set(a) & set(b)) for a, b in zip(slots.reshape(-1, 8).tolist(), ref.reshape(-1, 8).tolist()))
+    recall /= ref.numel()
+    assert mask.all() and recall > 0.9, f"recall {recall:.2f}"
+    # retrieved key_values are the buffer's live memories of the slots faiss returned
+    key_values, _ = memory.search(queries, 8)
+    assert torch.equal(key_values, memory.buffer[torch.arange(2)[:, None, None], slots])
+    resumed = KNNMemory(16, max_memories=2000, num_indices=2, backend="faiss", faiss_nlist=16, faiss_nprobe=8)
+    resumed.load_state_dict(memory.state_dict())
+    assert torch.equal(resumed.search(queries, 8, return_slots=True)[2], slots)
+    memory.clear([0])
+    assert memory._indexes[0].ntotal == 0 and not memory.search(queries, 8)[1][0].any()
