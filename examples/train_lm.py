@@ -13,13 +13,18 @@ Two models train on the same batches in the same order:
   so both models spend the same compute per token and differ only in parameters.
 
 Run ``python examples/train_lm.py --quick`` for a few minutes on 2 CPU cores; see ``--help``.
-Writes ``<out>/val_curves.png`` and ``<out>/results.json``.
+Needs the examples' extras (tqdm, matplotlib): ``pip install "product-key-memory[examples]"``.
+Writes ``val_curves.png``, ``results.json`` and ``memory_usage_pkm.png`` under ``--out``.
+
+Blocks are numbered from 1 as in ``TransformerLM(pkm_layers=...)``; module paths count from 0,
+so block 3 is ``blocks.2`` and its PKM ``blocks.2.ff``. Printed names show both.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import math
 import sys
@@ -29,7 +34,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from product_key_memory import PKM, TransformerLM, fetch_optimizer_parameters
 from product_key_memory.transformer import FeedForward
@@ -121,6 +125,14 @@ def build_models(args):
 # ---------------------------------------------------------------------------- memory stats
 
 
+def block_label(path: str) -> str:
+    """``'blocks.2.ff'`` -> ``'block 3 (blocks.2.ff)'``: ``--pkm-layers`` counts blocks from 1, module paths from 0."""
+    parts = path.split(".")
+    if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit():
+        return f"block {int(parts[1]) + 1} ({path})"
+    return path
+
+
 def usage_tracker(model):
     """The library's memory-usage tracker over the model's PKM layers, or ``None`` (no PKM, or a version without it)."""
     try:
@@ -158,6 +170,8 @@ def lr_at(step: int, args) -> float:
 
 
 def train(name, model, train_data, val_batches, args):
+    from tqdm import tqdm  # an extra, checked by require_extras before any training
+
     groups = fetch_optimizer_parameters(model, pkm_learning_rate=args.pkm_lr, pkm_weight_decay=0.0)
     groups = [g for g in groups if g["params"]]
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
@@ -204,7 +218,7 @@ def print_usage(name, r, out_dir: Path):
     print(f"memory usage of the {name} model's PKM layers on the validation batches:")
     keys = ("used_fraction", "kl_uniform", "kl_uniform_weighted", "gini", "slots_50", "slots_90", "slots_99")
     for layer, s in r["usage"][-1][1].items():
-        print(f"  {layer}: {s['slots']:,} slots, " + ", ".join(
+        print(f"  {block_label(layer)}: {s['slots']:,} slots, " + ", ".join(
             f"{k} {s[k]:,}" if isinstance(s[k], int) else f"{k} {s[k]:.3g}" for k in keys if k in s))
     try:
         from product_key_memory import save_usage_plot
@@ -246,43 +260,59 @@ def plot(results, path: Path, tokens_per_step: int):
     plt.close(fig)
 
 
+def require_extras(names=("tqdm", "matplotlib")):
+    """Exit with the install line, before any data or training, when a package of the examples extra is missing."""
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        sys.exit(f"{Path(__file__).name} needs {' and '.join(missing)}, not installed: "
+                 f'pip install "product-key-memory[examples]"')
+
+
 # --quick: the default models for 400 steps instead of 2000 (a few minutes on one CPU core)
 QUICK = dict(steps=400, warmup=40, eval_every=50, eval_batches=8, sample_bytes=100)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small models and few steps: a few minutes on 2 CPU cores")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ff-mult", type=int, default=4)
-    p.add_argument("--pkm-layers", type=int, nargs="+", default=[3], help="1-based blocks with a PKM")
+    p.add_argument("--quick", action="store_true", help="the same models for fewer steps and evaluations: a few minutes on 2 CPU cores")
+    p.add_argument("--steps", type=int, default=2000, help="training steps per model (400 with --quick)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=128, help="bytes per sequence, the context")
+    p.add_argument("--dim", type=int, default=128, help="model width")
+    p.add_argument("--depth", type=int, default=4, help="number of blocks")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--ff-mult", type=int, default=4, help="feedforward width as a multiple of --dim")
+    p.add_argument("--pkm-layers", type=int, nargs="+", default=[3],
+                   help="blocks with a PKM, numbered from 1 as TransformerLM(pkm_layers=...): 3 is module blocks.2")
     p.add_argument("--num-keys", type=int, default=128, help="sub-keys per half: num_keys**2 memory slots")
-    p.add_argument("--topk", type=int, default=16)
-    p.add_argument("--pkm-heads", type=int, default=4)
-    p.add_argument("--pkm-dim-head", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--topk", type=int, default=16, help="memory slots read per PKM head")
+    p.add_argument("--pkm-heads", type=int, default=4, help="PKM query heads")
+    p.add_argument("--pkm-dim-head", type=int, default=64, help="width of a PKM query")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of everything but the value tables")
     p.add_argument("--pkm-lr", type=float, default=1e-2, help="learning rate of the PKM value tables")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--eval-batches", type=int, default=16)
-    p.add_argument("--sample-bytes", type=int, default=200)
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (not on the value tables)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (40 with --quick)")
+    p.add_argument("--eval-every", type=int, default=200, help="steps between validations (50 with --quick)")
+    p.add_argument("--eval-batches", type=int, default=16, help="validation batches (8 with --quick)")
+    p.add_argument("--sample-bytes", type=int, default=200, help="bytes sampled at the end (100 with --quick)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; more help only on an otherwise idle machine")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("runs/train_lm"))
+    p.add_argument("--seed", type=int, default=0, help="seed of the models and the batches")
+    p.add_argument("--out", type=Path, default=Path("runs/train_lm"), help="folder for all outputs")
     if "--quick" in (argv if argv is not None else sys.argv[1:]):
         p.set_defaults(**QUICK)  # explicit flags still win
     args = p.parse_args(argv)
+    require_extras()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
+    print(f"outputs go to {args.out.resolve()}")
     train_data, val_data, info = load_stdlib()
     print(f"data: {info['root']}: {info['train_files']} train files ({len(train_data) / 1e6:.1f} MB), "
           f"{info['val_files']} validation files ({len(val_data) / 1e6:.1f} MB)")
@@ -291,7 +321,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     models, hidden = build_models(args)
     macs = {name: macs_per_token(m, args.seq_len) for name, m in models.items()}
-    print(f"PKM in blocks {models['pkm'].pkm_layers}; the dense model has a {hidden}-wide feedforward there "
+    blocks = ", ".join(block_label(f"blocks.{layer - 1}.ff") for layer in models["pkm"].pkm_layers)
+    print(f"PKM in {blocks}; the dense model has a {hidden}-wide feedforward there "
           f"(others {args.ff_mult * args.dim}); MACs/token: pkm {macs['pkm']:,}, dense {macs['dense']:,}")
 
     results = {}
