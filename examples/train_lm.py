@@ -278,8 +278,10 @@ QUICK = dict(steps=400, warmup=40, eval_every=50, eval_batches=8, sample_bytes=1
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the same models for fewer steps and evaluations: a few minutes on 2 CPU cores")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="the same models for fewer steps and evaluations: a few minutes on 2 CPU cores")
     p.add_argument("--steps", type=int, default=2000, help="training steps per model (400 with --quick)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=128, help="bytes per sequence, the context")
