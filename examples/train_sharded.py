@@ -7,10 +7,15 @@ to store a lookup table.
 
     torchrun --nproc_per_node 2 examples/train_sharded.py                  # CPU, gloo
     torchrun --nproc_per_node 8 examples/train_sharded.py --num-keys 1024 --dim 1024 --steps 1000  # GPUs, nccl
+
+It must be started by ``torchrun`` (which sets RANK, WORLD_SIZE and LOCAL_RANK); under plain
+``python`` it prints the torchrun line to use and exits with status 2. Writes nothing.
 """
 
 import argparse
 import os
+import shlex
+import sys
 
 import torch
 import torch.distributed as dist
@@ -40,16 +45,33 @@ class TinyLM(nn.Module):
         return self.head(self.norm(h))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def require_launcher(argv):
+    """Exit with status 2 and the torchrun line to use when not started by torchrun (or another launcher)."""
+    missing = [name for name in LAUNCHER_ENV if name not in os.environ]
+    if missing:
+        nproc = torch.cuda.device_count() or 2  # one per GPU, else 2 CPU processes (gloo)
+        command = shlex.join(["torchrun", "--nproc_per_node", str(nproc), sys.argv[0], *argv])
+        sys.stderr.write(f"{os.path.basename(sys.argv[0])} runs one process per device and must be started by "
+                         f"torchrun ({', '.join(missing)} not set); run:\n    {command}\n")
+        sys.exit(2)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--num-keys", type=int, default=32, help="sub-keys per half; the pool has num_keys**2 slots")
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=64, help="model width; the table's columns split over the ranks")
+    parser.add_argument("--layers", type=int, default=2, help="Memory+ layers reading the shared pool")
+    parser.add_argument("--vocab", type=int, default=256, help="vocabulary size")
     parser.add_argument("--batch", type=int, default=8, help="sequences per rank and step")
-    parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=60)
-    args = parser.parse_args()
+    parser.add_argument("--seq", type=int, default=32, help="tokens per sequence")
+    parser.add_argument("--steps", type=int, default=60, help="training steps")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    require_launcher(argv)
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
