@@ -3,14 +3,17 @@
 The task: 16,384 random keys drawn from a skewed (low-rank, shifted) distribution,
 each mapped to its own random target; a PKM of 4,096 slots learns the mapping.
 After training, one eval pass over all keys is tracked and the usage statistics
-of each layer are printed and plotted (needs matplotlib: pip install -e ".[plot]").
-One to three minutes on two CPU cores.
+of each layer are printed and plotted (needs matplotlib: pip install "product-key-memory[examples]").
+One to three minutes on two CPU cores. Writes ``memory_usage.png`` under ``--out``.
 
-    python examples/memory_usage.py --out docs/memory_usage.png
+    python examples/memory_usage.py               # runs/memory_usage/memory_usage.png
+    python examples/memory_usage.py --out docs    # the picture in the README
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,12 +28,22 @@ def skewed_inputs(n: int, dim: int, gen: torch.Generator) -> torch.Tensor:
     return (torch.randn(n, dim, generator=gen) * scales) @ basis + 0.5
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="memory_usage.png")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/memory_usage"),
+                        help="folder for the output, memory_usage.png")
+    parser.add_argument("--steps", type=int, default=300, help="training steps")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the layers and the data")
+    args = parser.parse_args(argv)
+    if args.out.suffix.lower() in (".png", ".pdf", ".svg", ".jpg"):
+        parser.error(f"--out is a folder (the picture is <out>/memory_usage.png), got {str(args.out)!r}")
+    try:  # fail before training, not after
+        import matplotlib  # noqa: F401
+    except ImportError:
+        sys.exit(f'{Path(__file__).name} needs matplotlib, not installed: pip install "product-key-memory[examples]"')
+    args.out.mkdir(parents=True, exist_ok=True)
+    png = args.out / "memory_usage.png"
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -71,8 +84,8 @@ def main():
     for name, s in stats.items():
         print(f"{name:<18}" + "".join(f"{s[k]:>20.3f}" if isinstance(s[k], float) else f"{s[k]:>20}" for k in keys))
     slots = model["layernorm"].num_memories
-    save_usage_plot(tracker, args.out, title=f"slot usage after {args.steps} steps, {n:,} keys, {slots:,} slots")
-    print(f"saved {args.out}")
+    save_usage_plot(tracker, png, title=f"slot usage after {args.steps} steps, {n:,} keys, {slots:,} slots")
+    print(f"saved {png}")
 
 
 if __name__ == "__main__":
