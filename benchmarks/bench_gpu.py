@@ -351,12 +351,16 @@ def add_ratios(rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass  # the module docstring as written, and each option's default
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks every path runs, times nothing")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (the median is kept)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs before them")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="configurations")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON file (None: benchmarks/results/bench_gpu.json, bench_gpu_smoke.json with --smoke)")
     args = parser.parse_args(argv)
 
     if args.smoke:

@@ -112,12 +112,14 @@ def table_mib(fmt: str, num_slots: int, dim: int) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--num-keys", type=int, default=256)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to time")
+    p.add_argument("--num-keys", type=int, default=256, help="sub-keys per half: num_keys**2 slots")
     p.add_argument("--batch8", action="store_true", help="also time the (8, 1024, 512) forward")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_inference.json")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (the median is kept)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_inference.json",
+                   help="JSON file of the results")
     args = p.parse_args(argv)
     ours, theirs, tables = build(args.num_keys)
     slots = args.num_keys**2

@@ -78,7 +78,7 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="16k memories only, 3 repeats")
     p.add_argument("--sizes", type=int, nargs="+", default=[16_000, 256_000], help="memories per row")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is kept)")
     p.add_argument("--no-faiss", action="store_true", help="skip our faiss backend")
     args = p.parse_args(argv)
     if args.quick:

@@ -392,16 +392,19 @@ def markdown_table(results) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 repeats, 2 threads only")
-    parser.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default 1 2)")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="thread counts (None: 1 2, or 2 with --quick)")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="configurations")
     parser.add_argument("--memory-configs", nargs="*", default=["readme"], choices=list(CONFIGS)[:2],
                         help="configs whose training-step memory is measured (0.3.0 needs ~10 GB at keys1024)")
-    parser.add_argument("--phases", nargs="+", default=None, help="only these phases (default: all of each config)")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--phases", nargs="+", default=None, help="only these phases (None: all of each config)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (3 with --quick)")
     parser.add_argument("--profile", action="store_true", help="also print where a training step's time goes")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_pkm.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_pkm.json",
+                        help="JSON file of the results (with --sweep, bench_pkm_sweep.json beside it)")
     parser.add_argument("--sweep", action="store_true", help="the size sweep (forward, fwd+bwd) instead of the configs")
     parser.add_argument("--_memory-child", nargs=3, metavar=("LIB", "CONFIG", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -59,13 +59,16 @@ def measure(num_slots, dim, reads, repeats):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--slots", type=int, nargs="+", default=[128**2, 256**2, 1024**2])
-    p.add_argument("--dims", type=int, nargs="+", default=[128, 512])
-    p.add_argument("--reads", type=int, nargs="+", default=[128, 4096, 32768, 131072, 524288])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "read_routes.json")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to time")
+    p.add_argument("--slots", type=int, nargs="+", default=[128**2, 256**2, 1024**2], help="table rows")
+    p.add_argument("--dims", type=int, nargs="+", default=[128, 512], help="table columns")
+    p.add_argument("--reads", type=int, nargs="+", default=[128, 4096, 32768, 131072, 524288],
+                   help="rows read per backward")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is kept)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "read_routes.json",
+                   help="JSON file of the results")
     args = p.parse_args(argv)
     rows = []
     print(f"{'T':>2} {'slots':>8} {'dim':>4} {'reads':>7} {'sorted ms':>10} {'emb_bag ms':>10} {'bag/sorted':>10}")

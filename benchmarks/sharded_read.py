@@ -10,7 +10,10 @@ measures the cost of the exchanges, not the GPU speed.
 
 import argparse
 import copy
+import os
+import shlex
 import statistics
+import sys
 import time
 
 import torch
@@ -30,12 +33,16 @@ def _time(layer, x, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--num-keys", type=int, default=128)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dim", type=int, default=256, help="model width")
+    parser.add_argument("--num-keys", type=int, default=128, help="sub-keys per half: num_keys**2 slots")
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096], help="tokens per rank")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is kept)")
     args = parser.parse_args()
+    if not all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        parser.exit(2, f"{parser.prog} must be started by torchrun, e.g.\n    torchrun --standalone --nproc_per_node 2 "
+                    f"{shlex.join(sys.argv)}\n")
 
     dist.init_process_group("gloo")
     run(args)

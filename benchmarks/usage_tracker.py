@@ -38,9 +38,10 @@ def interleaved_medians(fn, tracker, device, repeats=15, warmup=2):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--tokens", type=int, default=4096)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per forward")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy machine)")
     args = parser.parse_args()
     if args.threads:
