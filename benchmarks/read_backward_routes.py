@@ -1,4 +1,4 @@
-"""Which value-read backward wins by size: the slot-sorted ``ops.ValueRead`` or autograd of ``F.embedding_bag``.
+"""Which value-read backward wins by size: the slot-sorted ``ops.value_read`` or autograd of ``F.embedding_bag``.
 
     python benchmarks/read_backward_routes.py              # 1 and 2 threads, writes benchmarks/results/read_routes.json
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from product_key_memory.ops import ValueRead  # noqa: E402
+from product_key_memory import ops  # noqa: E402
 
 M = 128
 
@@ -33,7 +33,7 @@ M = 128
 def routes(values, idx, w):
     def sorted_route():
         values.grad = w.grad = None
-        ValueRead.apply(values, idx, w, None, False).square().mean().backward()
+        ops.value_read(values, idx, w).square().mean().backward()  # torch backend on CPU: the sorted backward
 
     def bag_route():
         values.grad = w.grad = None
