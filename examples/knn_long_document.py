@@ -188,7 +188,7 @@ def main(argv=None, log=print):
     try:  # fail before training, not after
         import matplotlib  # noqa: F401
     except ImportError:
-        p.error("matplotlib is needed for the plot: pip install matplotlib (or 'product-key-memory[examples]')")
+        sys.exit(f'{Path(__file__).name} needs matplotlib, not installed: pip install "product-key-memory[examples]"')
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
