@@ -109,7 +109,9 @@ class TransformerLM(nn.Module):
     Keyword-only args:
         pkm_layers: 1-based numbers of the blocks that get a PKM (as product-key-memory 0.3.0),
             an int or an iterable of ints; ``()`` for a dense model; ``None`` (default) for the
-            middle block ``(depth + 1) // 2``.
+            middle block ``(depth + 1) // 2``. Block ``i`` is ``self.blocks[i - 1]``: module paths,
+            and so the layer names of :class:`MemoryUsageTracker`, count from 0 (block 3's PKM is
+            ``blocks.2.ff``). :func:`~product_key_memory.integrations.hf.add_pkm` counts from 0.
         pkm_kwargs: keyword arguments of every :class:`PKM` (besides ``dim``). The default
             PKM normalises queries with a LayerNorm, which is causal; ``use_layernorm=False``
             (batch-norm queries) mixes statistics across the tokens of a batch at training

@@ -63,7 +63,10 @@ def add_pkm(model: nn.Module, layers: Union[int, Iterable[int]], *, mlp_attr: st
 
     Args:
         model: a ``transformers`` model (``PreTrainedModel``).
-        layers: block indices, an int or an iterable of ints.
+        layers: 0-based block indices, an int or an iterable of ints: Python indices into the
+            model's list of blocks, as in its module names (``model.layers.2.mlp``) and in
+            :class:`MemoryUsageTracker`'s layer names. (``TransformerLM(pkm_layers=...)`` counts
+            from 1, as product-key-memory 0.3.0 did.)
         mlp_attr: name of the feedforward inside a block.
         pkm_kwargs: arguments of :class:`~product_key_memory.PKM` besides ``dim`` (taken from
             ``config.hidden_size``); plain values only, since they are saved in the config.
