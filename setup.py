@@ -15,9 +15,11 @@ setup(
         "torch>=2.1",
         "einops>=0.7",
         "colt5-attention>=0.10.14",
+        # not imported by the layers, but torch warns "Failed to initialize NumPy" on every import without it
+        "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "numpy", "matplotlib>=3.7", "triton", "faiss-cpu>=1.7",
+        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.7", "triton", "faiss-cpu>=1.7",
                  "transformers>=4.40", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "plot": ["matplotlib>=3.7"],
         "examples": ["tqdm>=4.60", "matplotlib>=3.7"],
