@@ -27,7 +27,7 @@ def test_validation_split_is_a_function_of_the_path(train_lm):
     assert 0.03 < sum(split) / len(split) < 0.07
 
 
-def test_tiny_run_end_to_end(train_lm, tmp_path):
+def test_tiny_run_end_to_end(train_lm, tmp_path, capsys):
     results = train_lm.main(["--quick", "--steps", "2", "--eval-every", "1", "--eval-batches", "1", "--batch-size", "2",
                              "--seq-len", "16", "--sample-bytes", "4", "--out", str(tmp_path)])
     assert results["pkm"]["macs_per_token"] == results["dense"]["macs_per_token"], "compute per token must match"
@@ -35,4 +35,11 @@ def test_tiny_run_end_to_end(train_lm, tmp_path):
     assert [s for s, _ in results["pkm"]["curve"]] == [0, 1, 2]
     assert (tmp_path / "val_curves.png").stat().st_size > 0
     saved = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert saved["pkm"]["usage"][-1][1]["blocks.2.ff"]["slots"] == 128**2
+    assert saved["pkm"]["usage"][-1][1]["blocks.2.ff"]["slots"] == 128**2  # module paths in the JSON
+    printed = capsys.readouterr().out
+    assert "PKM in block 3 (blocks.2.ff)" in printed and "  block 3 (blocks.2.ff): 16,384 slots" in printed, printed
+
+
+def test_block_label(train_lm):
+    assert train_lm.block_label("blocks.0.ff") == "block 1 (blocks.0.ff)"
+    assert train_lm.block_label("memory") == "memory"
