@@ -158,4 +158,8 @@ def test_fast_path_equals_reference_path(
     (out, grads), (ref, ref_grads) = results
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+        # float32 rounding differs between the paths' matmuls; a LayerNorm over a tiny dim_head can amplify
+        # it a thousandfold, so the tolerance scales with the gradient (float64 agrees to 1e-13)
+        scale = ref_grads[name].abs().max().item()
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-4 * scale + 1e-6,
+                                   msg=f"gradient of {name}")
