@@ -17,10 +17,8 @@ Value-read kernels are also timed alone at the layer's read shape (tokens x head
 reads of the table) and their bandwidth is set against the device's copy bandwidth,
 measured with a large ``tensor.copy_``, for the bytes each must move at least.
 
-Backends: until the op registry lands, ``triton`` is ours with ``functional.product_key_search``
-and ``functional.value_read`` swapped for the kernels of ``product_key_memory.ops.triton``
-(slot scores recomputed from the selected slots for the gradient), ``torch`` is ours as
-shipped. Medians of CUDA-event timings (``time.perf_counter`` in ``--smoke``), ratios to
+Backends: ours under ``use_backend("triton")`` and ``use_backend("torch")`` (the whole layer,
+forward, backward and the optimizer's row update, on one backend). Medians of CUDA-event timings (``time.perf_counter`` in ``--smoke``), ratios to
 ``torch`` measured in the same process. Not a test: nothing asserts timings.
 """
 
@@ -49,10 +47,8 @@ sys.path.insert(0, str(ROOT))
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from product_key_memory import PKM, build_optimizer  # noqa: E402
-from product_key_memory import functional as PF  # noqa: E402
-from product_key_memory import ops as torch_ops  # noqa: E402
-from product_key_memory.optim import SparseRowAdam  # noqa: E402
+from product_key_memory import PKM, build_optimizer, use_backend  # noqa: E402
+from product_key_memory.ops import cpu as cpu_backend  # noqa: E402
 
 LAYER = dict(dim=512, heads=4, dim_head=128, topk=32)
 CONFIGS = {"readme": dict(num_keys=256, shape=(8, 1024, 512)), "keys1024": dict(num_keys=1024, shape=(8, 1024, 512))}
@@ -103,83 +99,9 @@ def copy_bandwidth(device: torch.device, timer: Timer, nbytes: int) -> float:
     return 2 * nbytes / (ms / 1e3)
 
 
-# -- the triton backend, wired by hand until ops/__init__.py registers it -----------------------
-
-
-class _TritonRead(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, values, indices, weights, trainable, sparse):
-        from product_key_memory.ops.triton.value_read import value_read
-
-        ctx.save_for_backward(values, indices, weights, trainable)
-        ctx.sparse = sparse
-        return value_read(values, indices, weights)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        from product_key_memory.ops.triton.value_read import value_read_backward
-
-        values, indices, weights, trainable = ctx.saved_tensors
-        gv, gw = value_read_backward(
-            grad_out, values, indices, weights, trainable,
-            need_values_grad=ctx.needs_input_grad[0], need_weights_grad=ctx.needs_input_grad[2], sparse=ctx.sparse,
-        )
-        if ctx.sparse and gv is not None:
-            gv = torch.sparse_coo_tensor(gv[0].unsqueeze(0), gv[1], values.shape, is_coalesced=True,
-                                         check_invariants=False)
-        return gv, None, gw, None, None
-
-
-def triton_value_read(values, indices, weights=None, *, trainable=None, sparse=False):
-    lead, m = indices.shape[:-1], indices.shape[-1]
-    flat_w = None if weights is None else weights.reshape(-1, m).to(values.dtype)
-    out = _TritonRead.apply(values, indices.reshape(-1, m), flat_w, trainable, sparse)
-    return out.view(*lead, values.shape[1])
-
-
-def triton_product_key_search(queries, keys, topk, *, subkey_topk=None, pairs=None):
-    from product_key_memory.ops.triton.search import product_key_search
-
-    if subkey_topk is not None:
-        raise NotImplementedError("the triton search has no custom sub-key top-k")
-    lead, (heads, _, d) = queries.shape[:-3], queries.shape[-3:]
-    q = queries.reshape(-1, heads, 2, d)
-    scores, slots = product_key_search(q.detach(), keys.detach(), topk)  # (N, H, topk)
-    if torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad):
-        num_keys = keys.shape[-2]
-        h = torch.arange(heads, device=q.device).view(1, heads, 1)
-        k1 = keys[:, 0][h, slots // num_keys].float()  # (N, H, topk, d)
-        k2 = keys[:, 1][h, slots % num_keys].float()
-        qf = q.float()
-        scores = (qf[:, :, 0, None] * k1).sum(-1) + (qf[:, :, 1, None] * k2).sum(-1)
-    return scores.reshape(*lead, heads, topk), slots.reshape(*lead, heads, topk)
-
-
-@contextlib.contextmanager
-def backend(name: str):
-    """``triton``: the kernels in place of the functional search and read; ``torch``: as shipped."""
-    if name != "triton":
-        yield
-        return
-    saved = PF.product_key_search, PF.value_read
-    PF.product_key_search, PF.value_read = triton_product_key_search, triton_value_read
-    try:
-        yield
-    finally:
-        PF.product_key_search, PF.value_read = saved
-
-
-class TritonSparseRowAdam(SparseRowAdam):
-    """``SparseRowAdam`` whose sparse steps run ``ops.triton.adam.sparse_adam_step_``."""
-
-    def _sparse_step(self, p, grad, state, group):
-        from product_key_memory.ops.triton.adam import sparse_adam_step_
-
-        grad = grad if grad.is_coalesced() else grad.coalesce()
-        rows, values = grad._indices()[0], grad._values()
-        beta1, beta2 = group["betas"]
-        sparse_adam_step_(p.data, state["exp_avg"], state["exp_avg_sq"], rows, values, lr=group["lr"], beta1=beta1,
-                          beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=state["step"].item())
+def backend(lib: str):
+    """Ours on the ``triton`` or the ``torch`` backend (the library's own switch); the peer as it is."""
+    return use_backend(lib) if lib in ("triton", "torch") else contextlib.nullcontext()
 
 
 # -- the libraries --------------------------------------------------------------------------------
@@ -209,10 +131,7 @@ def make_models(num_keys, layer, device, peer):
 def make_optimizer(lib, model, peer):
     if lib == "0.3.0":
         return torch.optim.Adam(peer.fetch_optimizer_parameters(model, pkm_learning_rate=1e-2), lr=1e-3)
-    opt = build_optimizer(model, lr=1e-3, pkm_learning_rate=1e-2)  # sets values.sparse = True
-    if lib == "triton":
-        opt = TritonSparseRowAdam(opt.param_groups, lr=1e-3)
-    return opt
+    return build_optimizer(model, lr=1e-3, pkm_learning_rate=1e-2)  # sparse tables; the triton backend's row kernel
 
 
 def loss_of(out):
@@ -316,7 +235,7 @@ def bench_reads(config, spec, layer, device, timer, copy_bps) -> list:
             ("read fwd", "EmbeddingBag"): (lambda: bag(idx, per_sample_weights=w), fwd_bytes),
             ("read bwd", "triton"): (lambda: value_read_backward(
                 g, table, idx, w, None, need_values_grad=True, need_weights_grad=True, sparse=True), bwd_bytes),
-            ("read bwd", "torch"): (lambda: torch_ops.ValueRead.backward(_Ctx(table, idx, w), g), bwd_bytes),
+            ("read bwd", "torch"): (lambda: cpu_backend.value_read_backward_rows(g, table, idx, w, None, True), bwd_bytes),
         }
         if dtype == torch.bfloat16 and device.type == "cuda":
             del cases[("read bwd", "torch")]  # no bf16 CUDA kernel for the per-sample-weight gradient
@@ -329,16 +248,6 @@ def bench_reads(config, spec, layer, device, timer, copy_bps) -> list:
                   f"{res['gbps']:9.2f} GB/s  {res['fraction_of_copy']:.2%} of copy")
         gc.collect()
     return rows
-
-
-class _Ctx:
-    """What ``ops.ValueRead.backward`` reads from its autograd context."""
-
-    def __init__(self, values, indices, weights):
-        self.saved_tensors = (values, indices, weights, None)
-        self.needs_input_grad = (True, False, True, False, False)
-        self.sparse = True
-        self.shape = values.shape
 
 
 def add_ratios(rows):

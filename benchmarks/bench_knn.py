@@ -61,6 +61,17 @@ def recall(key_values: torch.Tensor, mask: torch.Tensor, all_memories: torch.Ten
     return hits.item() / true.numel()
 
 
+def gflops(a: torch.Tensor, b: torch.Tensor, repeats: int = 5) -> float:
+    """Median GFLOP/s of ``a @ b`` (float32)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.numel() // a.shape[-2] // a.shape[-1]) / \
+        statistics.median(times) / 1e9
+
+
 def bench(name, memory, fill: torch.Tensor, steps: list, queries: torch.Tensor, repeats: int):
     memory.add(fill)
     times, all_memories = [], fill
@@ -80,12 +91,24 @@ def main(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=[16_000, 256_000], help="memories per row")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is kept)")
     p.add_argument("--no-faiss", action="store_true", help="skip our faiss backend")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads of torch and of Faiss (both libraries get the same; default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(torch.get_num_threads())
+    except ImportError:
+        pass
     if args.quick:
         args.sizes, args.repeats = args.sizes[:1], 3
     peer_cls = load_peer()
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads; b={B}, n={N}, d={D}, topk={TOPK}")
+    gemm_peak = gflops(torch.randn(2048, 2048), torch.randn(2048, 2048).T)
+    print(f"GEMM peak of this process: {gemm_peak:.0f} GFLOP/s (float32 2048^3 matmul)")
     print("| memories | library | add+search median (ms) | min-max (ms) | recall | peer / this |")
     print("| ---: | --- | ---: | ---: | ---: | ---: |")
     for size in args.sizes:
@@ -109,6 +132,10 @@ def main(argv=None):
                     print(f"(faiss backend skipped: {err})")
                 else:
                     runs.append(bench("KNNMemory faiss", memory, fill, steps, queries, args.repeats))
+        keys = fill[:, :, 0]
+        rate = gflops(queries, keys.transpose(1, 2))
+        print(f"|  | (the search's {B}x{N}x{size:,}x{D} matmul alone: {rate:.0f} GFLOP/s, "
+              f"{2 * B * N * size * D / rate / 1e6:.1f} ms) | | | | |")
         peer_median = statistics.median(runs[0]["times"]) if peer_cls is not None else None
         for run in runs:
             med = statistics.median(run["times"])

@@ -1,15 +1,20 @@
 """A fact stated early in a long document, asked for segments later: a KNN layer recalls it, local attention cannot.
 
 Each document is ``--segments`` segments of ``--seq-len`` tokens, read one segment at a time (the
-model's whole context). The first segment states facts ``MARK key value`` among random filler; the last
-asks ``QUERY key`` and the model must say ``value``. Those facts lie beyond the context, so a model
+model's whole context). The first segment states a fact ``MARK value key`` among random filler; the
+last asks ``QUERY key`` and the model must say ``value``. That fact lies beyond the context, so a model
 without memory can only guess (``1 / num_values``). The last segment also states and asks facts of its
-own (local facts), which both models can learn, and which teach the shared key/value projections to
-match a key with the value after it; the KNN layer then finds the distant fact in its memory (Wu et
-al. 2022, arXiv 2203.08913). Two models with the same blocks and the same batches are trained: ``knn``
-(block 2 of 2 is a KNNAttention) and ``local`` (no memory).
+own (local facts), which both models can learn. Facts sit at random places, so only the key finds them.
 
-    python examples/knn_long_document.py --quick     # about two minutes on 2 CPU cores
+Why value first: block 2's query at ``QUERY key`` then has to match the key it wrote at the same token
+``key`` segments ago (keys and queries of one token: an easy, identity-like match), and the value it
+reads there carries the previous token ``value`` through block 1's attention. The local facts train
+that same lookup in block 2's local attention, whose projections write the memories (Wu et al. 2022,
+arXiv 2203.08913: memories are the detached keys and values of earlier segments of the same document).
+Two models with the same blocks, initialisation and batches are trained: ``knn`` (block 2 of 2 is a
+KNNAttention) and ``local`` (no memory).
+
+    python examples/knn_long_document.py --quick     # about four minutes on 2 busy CPU cores
     python examples/knn_long_document.py             # longer documents, more steps
 
 Prints a table of answer accuracy (distant and local facts) and saves ``results.json`` and
@@ -45,31 +50,28 @@ def vocab(args):
 def make_documents(args, batch: int, generator: torch.Generator):
     """``tokens (batch, segments, seq_len + 1)`` and targets with only the answers kept, and a kind per answer.
 
-    Every row has its own facts. ``kind`` is 1 at answers to distant facts (stated in segment 0), 2 at
-    answers to local facts (stated earlier in the last segment), 0 elsewhere.
+    Every row has its own facts, each with its own key. ``kind`` is 1 at answers to distant facts (stated in
+    segment 0), 2 at answers to local facts (stated earlier in the last segment), 0 elsewhere. Facts sit at
+    random places, so a model cannot find one by its position: it has to match the key.
     """
     keys, values, filler, _ = vocab(args)
     n, seg = args.segments, args.seq_len + 1
     tokens = filler[torch.randint(len(filler), (batch, n, seg), generator=generator)]
     kind = torch.zeros(batch, n, seg, dtype=torch.long)
-    facts = args.distant_facts + args.local_facts
+    facts, half = args.distant_facts + args.local_facts, seg // 2
     for b in range(batch):
         chosen = keys[torch.randperm(len(keys), generator=generator)[:facts]]
         answers = values[torch.randint(len(values), (facts,), generator=generator)]
-        # segment 0: the distant facts at random non-overlapping places
-        starts = torch.randperm(seg // 3, generator=generator)[:args.distant_facts] * 3
-        for (k, v), s in zip(zip(chosen[:args.distant_facts], answers[:args.distant_facts]), starts.tolist()):
-            tokens[b, 0, s:s + 3] = torch.stack((torch.tensor(MARK), k, v))
-        # last segment: local facts in the first half, then questions (distant and local, shuffled) after
-        last = tokens[b, -1]
-        half = seg // 2
-        for j in range(args.local_facts):
-            k, v = chosen[args.distant_facts + j], answers[args.distant_facts + j]
-            last[3 * j:3 * j + 3] = torch.stack((torch.tensor(MARK), k, v))
-        order = torch.randperm(facts, generator=generator).tolist()
-        for slot, f in enumerate(order):
+        triples = [torch.stack((torch.tensor(MARK), v, k)) for k, v in zip(chosen, answers)]  # value first
+        # segment 0: the distant facts; the last segment's first half: the local facts
+        for f, s in enumerate(torch.randperm(seg // 3, generator=generator)[:args.distant_facts].tolist()):
+            tokens[b, 0, 3 * s:3 * s + 3] = triples[f]
+        for j, s in enumerate(torch.randperm(half // 3, generator=generator)[:args.local_facts].tolist()):
+            tokens[b, -1, 3 * s:3 * s + 3] = triples[args.distant_facts + j]
+        # then the questions, distant and local shuffled, in the second half
+        for slot, f in enumerate(torch.randperm(facts, generator=generator).tolist()):
             s = half + 3 * slot
-            last[s:s + 3] = torch.stack((torch.tensor(QUERY), chosen[f], answers[f]))
+            tokens[b, -1, s:s + 3] = torch.stack((torch.tensor(QUERY), chosen[f], answers[f]))
             kind[b, -1, s + 2] = 1 if f < args.distant_facts else 2
     targets = torch.where(kind[..., 1:] > 0, tokens[..., 1:], IGNORE)
     return tokens, targets, kind[..., 1:]
@@ -160,7 +162,7 @@ def main(argv=None, log=print):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer steps and shorter documents: minutes on 2 CPU cores")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 1000, 200 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 3000, 1500 with --quick)")
     p.add_argument("--segments", type=int, default=None, help="segments per document (default 8, 3 with --quick)")
     p.add_argument("--seq-len", type=int, default=32, help="tokens per segment, the context of both models")
     p.add_argument("--batch-size", type=int, default=32, help="documents per step")
@@ -168,19 +170,19 @@ def main(argv=None, log=print):
     p.add_argument("--heads", type=int, default=4, help="attention heads")
     p.add_argument("--topk", type=int, default=8, help="memories retrieved per query")
     p.add_argument("--max-memories", type=int, default=2048, help="memories per document (ring buffer)")
-    p.add_argument("--num-keys", type=int, default=16, help="distinct fact keys")
-    p.add_argument("--num-values", type=int, default=16, help="distinct fact values")
-    p.add_argument("--num-filler", type=int, default=32, help="distinct filler tokens")
+    p.add_argument("--num-keys", type=int, default=8, help="distinct fact keys")
+    p.add_argument("--num-values", type=int, default=8, help="distinct fact values")
+    p.add_argument("--num-filler", type=int, default=8, help="distinct filler tokens")
     p.add_argument("--distant-facts", type=int, default=1, help="facts per document in segment 1")
-    p.add_argument("--local-facts", type=int, default=1, help="facts in the last segment")
+    p.add_argument("--local-facts", type=int, default=2, help="facts in the last segment")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
-    p.add_argument("--eval-every", type=int, default=50, help="steps between evaluations")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations")
     p.add_argument("--eval-batches", type=int, default=4, help="batches per evaluation")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (a tiny model: more only add overhead)")
     p.add_argument("--seed", type=int, default=0, help="seed of the models and the documents")
     p.add_argument("--out", type=Path, default=Path("runs/knn_long_document"), help="folder for all outputs")
     args = p.parse_args(argv)
-    args.steps = args.steps or (200 if args.quick else 1000)
+    args.steps = args.steps or (1500 if args.quick else 3000)
     args.segments = args.segments or (3 if args.quick else 8)
     facts = args.distant_facts + args.local_facts
     if args.segments < 2 or 3 * facts > (args.seq_len + 1) // 2 or facts > args.num_keys:

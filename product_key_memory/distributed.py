@@ -281,31 +281,26 @@ class ShardedValues(ValueTable):
 def shard_values(
     model: nn.Module, *, group: Optional[dist.ProcessGroup] = None, average_grads: bool = True
 ) -> nn.Module:
-    """Replace every value table in ``model`` (each :class:`~product_key_memory.EmbeddingValues`,
-    e.g. a :class:`PKM`'s own table or a :class:`ValuePool`) by this rank's columns of it.
+    """Replace every value table in ``model`` by this rank's share of it (:meth:`ValueTable.shard`:
+    for :class:`~product_key_memory.EmbeddingValues`, e.g. a :class:`PKM`'s own table or a
+    :class:`ValuePool`, this rank's columns in a :class:`ShardedValues`).
 
     A table read by several layers becomes one :class:`ShardedValues` that they keep sharing.
     The tables are marked for DDP to ignore (they must not be all-reduced nor broadcast from
     rank 0), so wrap ``model`` itself in DDP afterwards. Every rank must hold the same tables
     (same seed or checkpoint). For a table too big for one process, build the layer with
-    ``values=ShardedValues(...)`` instead. Other table types raise a ``TypeError``.
+    ``values=ShardedValues(...)`` instead. A table that cannot be split raises a ``TypeError``.
 
     Returns:
         ``model``, changed in place.
     """
-    from .tables import EmbeddingValues
-
     sharded = {}
     for parent in list(model.modules()):
         for name, table in list(parent.named_children()):
             if not isinstance(table, ValueTable) or isinstance(table, ShardedValues):
                 continue
-            if not isinstance(table, EmbeddingValues):
-                raise TypeError(f"shard_values shards EmbeddingValues tables; {name!r} is a {type(table).__name__}")
             if id(table) not in sharded:
-                sharded[id(table)] = ShardedValues.from_full(
-                    table.weight.detach(), group=group, average_grads=average_grads, sparse=table.sparse
-                )
+                sharded[id(table)] = table.shard(group=group, average_grads=average_grads)
             setattr(parent, name, sharded[id(table)])
     names = [
         f"{name}.{pname}" if name else pname

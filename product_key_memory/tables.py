@@ -91,6 +91,11 @@ class ValueTable(nn.Module):
         """The parameters that learn at the value learning rate (by default: all of the table's)."""
         return self.parameters()
 
+    def shard(self, *, group=None, average_grads: bool = True) -> "ValueTable":
+        """This process's share of the table for :func:`~product_key_memory.shard_values`, a
+        table whose rows are spread over ``group``. Tables that can be split override it."""
+        raise TypeError(f"{type(self).__name__} cannot be sharded: it does not implement ValueTable.shard")
+
     def extra_repr(self) -> str:
         return f"num_slots={self.num_slots}, dim={self.dim}" + (", sparse=True" if self.sparse else "")
 
@@ -142,6 +147,12 @@ class EmbeddingValues(ValueTable):
 
     def read(self, indices: Tensor, weights: Optional[Tensor], *, trainable: Optional[Tensor] = None) -> Tensor:
         return PF.value_read(self.weight, indices, weights, trainable=trainable, sparse=self.sparse)
+
+    def shard(self, *, group=None, average_grads: bool = True) -> ValueTable:
+        """This rank's columns of the table (:class:`~product_key_memory.ShardedValues`); collective."""
+        from .distributed import ShardedValues
+
+        return ShardedValues.from_full(self.weight.detach(), group=group, average_grads=average_grads, sparse=self.sparse)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", init={self.init!r}" if self.init != "normal" else "")

@@ -286,8 +286,14 @@ class TransformerLM(nn.Module):
         top_k: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
         knn_memories: Optional[Sequence[KNNMemory]] = None,
+        cuda_graph: bool = True,
     ) -> Tensor:
         """Samples ``num_new_tokens`` after ``prompt (batch, n)``; returns only the new tokens ``(batch, num_new_tokens)``.
+
+        ``cuda_graph``: on CUDA, once the context fills ``seq_len`` tokens (every later step has
+        the same shapes) and without KNN layers, each step replays one CUDA graph of the forward
+        (:class:`~product_key_memory.cuda_graphs.GraphedForward`) instead of launching its kernels
+        one by one. Ignored elsewhere.
 
         ``temperature``: a finite float ``>= 0``; ``0`` is greedy (argmax, the lower token id on ties) and
         ignores ``top_k``. ``top_k``: ``None`` (default) samples from every token; a positive int keeps
@@ -316,6 +322,7 @@ class TransformerLM(nn.Module):
         sos = self.clear_memories_on_sos_token_id if self.knn_layers else None
         was_training = self.training
         self.eval()
+        graphed = None
         try:
             out, new = prompt, prompt
             for _ in range(num_new_tokens):
@@ -328,7 +335,14 @@ class TransformerLM(nn.Module):
                     write_mask = torch.zeros_like(context, dtype=torch.bool)
                     write_mask[:, 0] = out.shape[1] >= self.seq_len
                     write_mask &= _since_last_token(context, sos)
-                logits = self._forward(context, knn_memories, write_mask)[:, -1].float()  # (batch, num_tokens)
+                if cuda_graph and context.is_cuda and not self.knn_layers and context.shape[1] == self.seq_len:
+                    if graphed is None:
+                        from .cuda_graphs import GraphedForward
+
+                        graphed = GraphedForward(lambda c: self._forward(c, None, False)[:, -1].float(), context)
+                    logits = graphed(context)  # overwritten by the next replay, used before it
+                else:
+                    logits = self._forward(context, knn_memories, write_mask)[:, -1].float()  # (batch, num_tokens)
                 if temperature == 0:
                     nxt = logits.argmax(-1, keepdim=True)
                 else:

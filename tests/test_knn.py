@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from product_key_memory import KNNMemory
-from product_key_memory.knn import KNNMemoryList, exact_search, stable_topk
+from product_key_memory.knn import GROUP_SIZE, KNNMemoryList, exact_search
 
 
 def brute_force(memory: KNNMemory, queries: torch.Tensor, topk: int, rows=None):
@@ -25,13 +25,45 @@ def brute_force(memory: KNNMemory, queries: torch.Tensor, topk: int, rows=None):
     return torch.stack(slots), torch.stack(masks)
 
 
-def test_stable_topk_matches_a_stable_sort_with_many_ties():
-    for _ in range(20):
-        scores = torch.randint(0, 4, (3, 5, 40)).float()
-        k = int(torch.randint(1, 41, ()))
-        values, idx = stable_topk(scores, k)
-        ref_values, ref_idx = scores.sort(dim=-1, descending=True, stable=True)
-        assert torch.equal(values, ref_values[..., :k]) and torch.equal(idx, ref_idx[..., :k])
+def stable_sort_topk(queries, keys, count, topk):
+    """Per row: the first topk of (score desc, slot asc) over the live keys; scores -inf and slots 0 past count."""
+    b, m, _ = queries.shape
+    scores = torch.full((b, m, topk), float("-inf"), dtype=queries.dtype)
+    slots = torch.zeros(b, m, topk, dtype=torch.long)
+    for i in range(b):
+        s, o = (queries[i] @ keys[i, :count[i]].T).sort(dim=-1, descending=True, stable=True)
+        n = min(topk, int(count[i]))
+        scores[i, :, :n], slots[i, :, :n] = s[:, :n], o[:, :n]
+    return scores, slots
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk_size", [None, 7, GROUP_SIZE, 3 * GROUP_SIZE + 5])
+def test_exact_search_ties_group_boundaries_and_counts(chunk_size, dtype):
+    # small ints: many exact ties, also between group maxima; counts cut groups and chunks anywhere
+    for trial in range(20):
+        s = int(torch.randint(1, 6 * GROUP_SIZE, ()))
+        queries, keys = torch.randint(0, 3, (3, 6, 4)).to(dtype), torch.randint(-2, 3, (3, s, 4)).to(dtype)
+        count = torch.randint(0, s + 1, (3,))
+        count[0] = s
+        # stale memories past count (as after clear) score highest unless masked
+        keys = torch.where(torch.arange(s)[:, None] >= count[:, None, None], torch.full_like(keys, 3), keys)
+        topk = int(torch.randint(1, 2 * GROUP_SIZE + 3 if trial % 2 else 4, ()))
+        scores, slots, mask = exact_search(queries, keys, count, topk, chunk_size)
+        ref_scores, ref_slots = stable_sort_topk(queries, keys, count, topk)
+        ref_mask = (torch.arange(topk) < count[:, None, None]).expand(3, 6, topk)
+        msg = f"trial {trial}, s={s}, count={count.tolist()}, topk={topk}"
+        assert torch.equal(mask, ref_mask), f"mask, {msg}"
+        assert torch.equal(slots, ref_slots), f"slots (lower slot first on ties), {msg}"
+        assert torch.equal(scores[mask], ref_scores[mask]) and scores.dtype == dtype, f"scores, {msg}"
+
+
+def test_exact_search_scoped_rows_read_their_own_keys():
+    keys, queries = torch.randn(4, 100, 8), torch.randn(2, 5, 8)
+    rows, count = torch.tensor([3, 1]), torch.tensor([100, 60])
+    _, slots, _ = exact_search(queries, keys, count, 9, chunk_size=33, rows=rows)
+    _, ref, _ = exact_search(queries, keys[rows], count, 9)
+    assert torch.equal(slots, ref)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, 4096])

@@ -199,3 +199,23 @@ def test_top_k_none_and_at_least_vocab_sample_from_every_token():
         sample = model.generate(torch.zeros(400, 1, dtype=torch.long), 1, top_k=top_k,
                                 generator=torch.Generator().manual_seed(0))
         assert len(set(sample.flatten().tolist())) > 28
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_generate_replays_a_cuda_graph_with_the_eager_result():
+    torch.manual_seed(0)
+    model = TransformerLM(32, dim=32, depth=2, seq_len=8, heads=2, dim_head=16, pkm_layers=(2,),
+                          pkm_kwargs=dict(heads=2, num_keys=8, topk=4, dim_head=8)).cuda()
+    prompt = torch.randint(0, 32, (2, 5), device="cuda")
+    graphed = model.generate(prompt, 12, temperature=0, cuda_graph=True)
+    eager = model.generate(prompt, 12, temperature=0, cuda_graph=False)
+    assert torch.equal(graphed, eager)
+
+
+def test_generate_on_cpu_ignores_cuda_graph():
+    torch.manual_seed(0)
+    model = TransformerLM(32, dim=32, depth=2, seq_len=8, heads=2, dim_head=16, pkm_layers=(2,),
+                          pkm_kwargs=dict(heads=2, num_keys=8, topk=4, dim_head=8))
+    prompt = torch.randint(0, 32, (2, 5))
+    assert torch.equal(model.generate(prompt, 6, temperature=0), model.generate(prompt, 6, temperature=0, cuda_graph=False))
