@@ -26,13 +26,14 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from product_key_memory import PKM  # noqa: E402
+from product_key_memory.ops import candidate_pairs  # noqa: E402
 
 
 def make_lean(m: PKM):
     H, d, K, k = m.heads, m.dim_head, m.num_keys, m.topk
     W, ln, V = m.to_queries.weight, m.norm, m.values.weight
     k1, k2 = (m.keys[:, :, p].transpose(1, 2).contiguous() for p in (0, 1))  # (H, d, K) each, once
-    a, b = m.pairs[0], m.pairs[1]
+    a, b = candidate_pairs(k)  # (P,) each: the pairs that can reach the top-k
 
     def lean(x):
         q = F.linear(x.view(-1, m.dim), W).view(-1, 2, H, d)
