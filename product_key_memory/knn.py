@@ -37,7 +37,8 @@ def exact_search(
     Returns ``scores (b, m, topk)``, ``slots (b, m, topk)`` (positions in ``keys``) and ``mask (b, m, topk)``,
     False where row ``i`` holds fewer than ``topk`` keys (those slots are 0, scores ``-inf``). Sorted by score,
     ties to the lower slot. Keys are scored ``chunk_size`` at a time (default: as many as keep ``b * m *
-    chunk_size`` under 2**23) by one batched matmul each; no host synchronisation, so it runs as queued work.
+    chunk_size`` under 2**23, at least 1024; where even that is over, the queries are split as well) by one
+    batched matmul each; no host synchronisation, so it runs as queued work.
 
     Per chunk, the only full pass over the scores besides the matmul is a max over groups of ``GROUP_SIZE``
     consecutive slots. The top-k memories lie in the ``topk`` best groups (by max, ties to the lower group:
@@ -48,6 +49,10 @@ def exact_search(
     b, m, _ = queries.shape
     device, g = queries.device, GROUP_SIZE
     if chunk_size is None:
+        if b * m * 64 * g > SCORE_BUDGET and m > 1:  # even the smallest chunk of memories is over budget:
+            step = max(1, SCORE_BUDGET // (b * 64 * g))  # split the queries too, so the bound holds
+            parts = [exact_search(queries[:, i:i + step], keys, count, topk, None, rows) for i in range(0, m, step)]
+            return tuple(torch.cat(p, 1) for p in zip(*parts))
         chunk_size = max(64 * g, SCORE_BUDGET // max(1, b * m) // g * g)
     # memories past count[i] are masked on the group maxima and on the candidates only; the one group a row's
     # count cuts may then look better than it is, so one more group is kept (it can displace at most one)
@@ -260,6 +265,22 @@ class KNNMemory:
                 self._indexes[i].reset()  # keeps the trained centroids
 
     @torch.no_grad()
+    def clear_where(self, rows: Tensor) -> None:
+        """Empty the indices in scope whose entry of ``rows (b,)`` (bool, batch rows) is True.
+
+        :meth:`clear` for a mask computed on the device: the exact backend does it without a host sync.
+        """
+        if rows.shape != (len(self.scoped_indices),) or rows.dtype != torch.bool:
+            raise ValueError(f"rows must be a bool tensor of shape ({len(self.scoped_indices)},), one per batch row "
+                             f"in scope, got {rows.dtype} {tuple(rows.shape)}")
+        rows = rows.to(self.device)
+        if self.backend == "faiss":  # the indices live on the host anyway
+            self.clear([self.scoped_indices[j] for j in rows.nonzero().flatten().tolist()])
+            return
+        self.count[self._scope] = self.count[self._scope].masked_fill(rows, 0)
+        self.write_pos[self._scope] = self.write_pos[self._scope].masked_fill(rows, 0)
+
+    @torch.no_grad()
     def add(self, memories: Tensor, mask: Optional[Tensor] = None) -> None:
         """Append ``memories (b, n, 2, dim)`` to the indices in scope, overwriting the oldest when full.
 
@@ -292,19 +313,35 @@ class KNNMemory:
     # -- reading ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def search(self, queries: Tensor, topk: int, *, return_slots: bool = False):
+    def search(
+        self,
+        queries: Tensor,
+        topk: int,
+        nprobe: Optional[int] = None,
+        increment_hits: bool = True,
+        increment_age: bool = True,
+        *,
+        return_slots: bool = False,
+    ):
         """The ``topk`` memories of largest inner product with each of ``queries (b, ..., dim)``, best first.
 
         Returns ``key_values (b, ..., topk, 2, dim)`` (zeros where masked) and ``mask (b, ..., topk)``, False
         where an index holds fewer than ``topk`` memories; with ``return_slots=True`` also the buffer slots
         ``(b, ..., topk)``. Results are detached.
+
+        ``nprobe``: inverted lists searched per query by the Faiss backend for this call (default
+        ``faiss_nprobe``); the exact backend has none to probe. ``increment_hits`` and ``increment_age`` are
+        memorizing-transformers-pytorch's hit and age counters, which nothing in it reads back and which
+        eviction here (oldest first) does not need: accepted so calls written for it run, and change nothing.
         """
         check_positive_int("topk", topk)
+        if nprobe is not None:
+            check_positive_int("nprobe", nprobe)
         self._check_rows("queries", queries)
         lead = queries.shape[:-1]
         q = queries.detach().reshape(lead[0], -1, self.dim).to(device=self.device, dtype=self.dtype)  # (b, m, d)
         if self.backend == "faiss":
-            slots, mask = self._faiss_search(q, topk)
+            slots, mask = self._faiss_search(q, topk, self.faiss_nprobe if nprobe is None else nprobe)
         else:
             keys = self._storage[:, :self._filled, 0]  # (num_indices, filled, d)
             rows = None if self._scope_is_all() else self._scope
@@ -360,7 +397,7 @@ class KNNMemory:
         index.add_with_ids(keys, np.arange(count, dtype=np.int64))
         self._indexes[i] = index
 
-    def _faiss_search(self, q: Tensor, topk: int) -> tuple[Tensor, Tensor]:
+    def _faiss_search(self, q: Tensor, topk: int, nprobe: int) -> tuple[Tensor, Tensor]:
         slots, masks = [], []
         exact_rows = [row for row, i in enumerate(self.scoped_indices)
                       if self._indexes[i] is None or self._indexes[i].ntotal == 0]
@@ -373,7 +410,9 @@ class KNNMemory:
             if row in exact_rows:
                 s, m = exact[row]
             else:
-                _, ids = self._indexes[i].search(q[row].float().cpu().numpy(), topk)
+                index = self._indexes[i]
+                index.nprobe = min(nprobe, self.faiss_nlist)
+                _, ids = index.search(q[row].float().cpu().numpy(), topk)
                 ids = torch.from_numpy(ids).to(self.device)
                 m = ids >= 0
                 s = ids.clamp(min=0)
@@ -424,8 +463,20 @@ class KNNMemory:
 class KNNMemoryList(list):
     """The memories of a model's KNN layers, in block order (what ``TransformerLM.create_knn_memories`` returns)."""
 
+    def __getitem__(self, item):
+        got = super().__getitem__(item)
+        return type(self)(got) if isinstance(item, slice) else got  # memories[1:3].clear() as the peer's
+
     def clear(self, batch_indices: Union[int, Sequence[int], None] = None) -> None:
         for memory in self:
+            memory.clear(batch_indices)
+
+    def clear_memory(self, batch_indices: Union[int, Sequence[int], None] = None,
+                     memory_indices: Optional[Iterable[int]] = None) -> None:
+        """memorizing-transformers-pytorch's name: clear ``batch_indices`` of the memories ``memory_indices``
+        (default: all of them)."""
+        memories = self if memory_indices is None else [self[i] for i in memory_indices]
+        for memory in memories:
             memory.clear(batch_indices)
 
     @contextmanager

@@ -236,11 +236,9 @@ class TransformerLM(nn.Module):
                                  f"{tokens.shape[0]}) or use at_batch_indices")
 
     def _clear_rows(self, knn_memories, tokens: Tensor) -> None:
-        hits = (tokens == self.clear_memories_on_sos_token_id).any(-1)
-        rows = hits.nonzero().flatten().tolist()
-        if rows:
-            for memory in knn_memories:
-                memory.clear([memory.scoped_indices[row] for row in rows])
+        hits = (tokens == self.clear_memories_on_sos_token_id).any(-1)  # (batch,), on the device: no host sync
+        for memory in knn_memories:
+            memory.clear_where(hits)
 
     def forward(
         self, tokens: Tensor, knn_memories: Optional[Sequence[KNNMemory]] = None, *, add_knn_memory: bool = True

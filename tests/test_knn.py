@@ -253,3 +253,81 @@ def test_faiss_backend_recall_and_fifo_eviction():
     assert torch.equal(resumed.search(queries, 8, return_slots=True)[2], slots)
     memory.clear([0])
     assert memory._indexes[0].ntotal == 0 and not memory.search(queries, 8)[1][0].any()
+
+
+def test_exact_search_splits_the_queries_when_the_smallest_chunk_is_over_budget(monkeypatch):
+    import product_key_memory.knn as knn
+
+    monkeypatch.setattr(knn, "SCORE_BUDGET", 1 << 12)  # 2 rows * 10 queries * 1024 memories is over it
+    queries, keys = torch.randn(2, 10, 4), torch.randn(2, 1500, 4)
+    keys[:, 700:710] = keys[:, 5:15]  # exact ties across chunk and query-split boundaries
+    count = torch.tensor([1500, 900])
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append(a.shape[1]) or real_bmm(a, b))
+    scores, slots, mask = exact_search(queries, keys, count, 7)
+    ref_scores, ref_slots = stable_sort_topk(queries, keys, count, 7)
+    assert max(calls) == 2, "every matmul scores at most 2 queries"
+    assert torch.equal(slots, ref_slots) and mask.all()
+    assert_close(scores, ref_scores)
+
+
+def test_search_takes_the_peers_positional_arguments():
+    torch.manual_seed(0)
+    memory = KNNMemory(8, 64, 2)
+    memory.add(torch.randn(2, 40, 2, 8))
+    queries = torch.randn(2, 5, 8)
+    plain = memory.search(queries, 4)
+    # memorizing-transformers-pytorch: search(queries, topk, nprobe=8, increment_hits=True, increment_age=True)
+    peer_style = memory.search(queries, 4, 8, False, False)
+    assert all(torch.equal(a, b) for a, b in zip(plain, peer_style))
+    with pytest.raises(ValueError, match="nprobe"):
+        memory.search(queries, 4, 0)
+
+
+def test_memory_list_slices_and_clear_memory_as_the_peer():
+    memories = KNNMemoryList(KNNMemory(4, 8, 2) for _ in range(3))
+    for m in memories:
+        m.add(torch.randn(2, 3, 2, 4))
+    assert isinstance(memories[1:], KNNMemoryList) and isinstance(memories[0], KNNMemory)
+    memories.clear_memory(batch_indices=[1], memory_indices=[0, 2])
+    assert [m.count.tolist() for m in memories] == [[3, 0], [3, 3], [3, 0]]
+    memories[1:].clear()
+    assert [m.count.tolist() for m in memories] == [[3, 0], [0, 0], [0, 0]]
+
+
+@pytest.mark.parametrize("backend", ["exact", "faiss"])
+def test_clear_where_equals_clear_of_those_rows(backend):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    torch.manual_seed(0)
+    made = [KNNMemory(4, 16, 3, backend=backend, faiss_nlist=2, faiss_train_size=16) for _ in range(2)]
+    batch = torch.randn(3, 20, 2, 4)
+    for m in made:
+        m.add(batch)
+    a, b = made
+    with a.at_batch_indices([2, 0]), b.at_batch_indices([2, 0]):
+        a.clear_where(torch.tensor([True, False]))  # batch row 0 is index 2
+        b.clear([2])
+        with pytest.raises(ValueError, match="rows must be a bool tensor of shape \\(2,\\)"):
+            a.clear_where(torch.tensor([True, False, True]))
+    assert torch.equal(a.count, b.count) and torch.equal(a.write_pos, b.write_pos)
+    assert a.count.tolist() == [16, 16, 0]
+    queries = torch.randn(3, 6, 4)
+    assert all(torch.equal(x, y) for x, y in zip(a.search(queries, 4), b.search(queries, 4)))
+
+
+def test_faiss_index_holds_exactly_the_live_memories_after_eviction():
+    """Probing every inverted list makes IVF exact: its answers must then be brute force over the live buffer."""
+    pytest.importorskip("faiss")
+    torch.manual_seed(1)
+    memory = KNNMemory(16, max_memories=500, num_indices=2, backend="faiss", faiss_nlist=8, faiss_nprobe=1)
+    exact = KNNMemory(16, max_memories=500, num_indices=2)
+    for _ in range(4):  # 1,200 into 500 slots: trained, then wrapped twice
+        batch = torch.randn(2, 300, 2, 16)
+        memory.add(batch)
+        exact.add(batch)
+    queries = torch.randn(2, 40, 16)
+    _, mask, slots = memory.search(queries, 6, 8, return_slots=True)  # nprobe = nlist
+    ref, _ = brute_force(exact, queries, 6)
+    assert mask.all() and torch.equal(slots, ref)
