@@ -14,6 +14,9 @@ without it. Each submodule imports triton when it is imported, so import them la
 (``from product_key_memory.ops.triton import search`` inside the function that needs it).
 
 :mod:`.backend` adapts them to the ``triton`` backend of :mod:`product_key_memory.ops`.
+:mod:`.launch` checks each launch's tensors: CUDA, or CPU when the kernels were defined
+under the interpreter (``TRITON_INTERPRET=1`` before importing :mod:`product_key_memory`);
+anything else is a ``RuntimeError`` that says so instead of Triton's "0 active drivers".
 """
 
 import importlib.util

@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import check_device
+
 __all__ = ["sparse_adam_step_", "sparse_adam_step_reference_"]
 
 
@@ -87,6 +89,8 @@ def sparse_adam_step_(
         raise ValueError(f"grad_rows must be ({rows.numel()}, {param.shape[1]}), got {tuple(grad_rows.shape)}")
     if step < 1:
         raise ValueError(f"step must be >= 1 (the count after this step), got {step}")
+    check_device("sparse_adam_step_", _sparse_adam_kernel, param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                 rows=rows, grad_rows=grad_rows)
     U, D = rows.numel(), param.shape[1]
     if U == 0 or D == 0:
         return

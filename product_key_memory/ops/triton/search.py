@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import check_device
+
 __all__ = ["product_key_search", "product_key_search_reference"]
 
 _MAX_INDEX = 2**31 - 1  # slots must fit below this in the low half of a packed key
@@ -155,6 +157,7 @@ def product_key_search(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor
         raise ValueError(f"topk must be in [1, num_keys={K}], got {topk}")
     if K * K > _MAX_INDEX:
         raise ValueError(f"num_keys={K} gives more than 2**31 - 1 slots, which a packed key cannot hold")
+    check_device("search", _search_kernel, queries=queries, keys=keys)
     if queries.stride(-1) != 1:
         queries = queries.contiguous()
     if keys.stride(-1) != 1:

@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import check_device
+
 __all__ = ["value_read", "value_read_backward", "value_read_reference", "value_read_backward_reference"]
 
 SparseRows = Tuple[Tensor, Tensor]
@@ -67,6 +69,7 @@ def value_read(values: Tensor, indices: Tensor, weights: Optional[Tensor]) -> Te
     Output in ``values.dtype``, accumulated in fp32 (weights are taken in fp32).
     """
     _check(values, indices, weights)
+    check_device("value_read", _read_kernel, values=values, indices=indices, weights=weights)
     B, m = indices.shape
     D = values.shape[1]
     out = torch.empty(B, D, dtype=values.dtype, device=values.device)
@@ -156,6 +159,8 @@ def value_read_backward(
     ``trainable``, and their gradient rows ``(U, D)`` in ``values.dtype``.
     """
     _check(values, indices, weights, trainable)
+    check_device("value_read_backward", _read_backward_kernel, grad_out=grad_out, values=values, indices=indices,
+                 weights=weights, trainable=trainable)
     S, D = values.shape
     B, m = indices.shape
     if grad_out.shape != (B, D):
