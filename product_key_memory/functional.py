@@ -164,17 +164,34 @@ def product_key_search(
 
 
 def _export_product_topk(sub_scores: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
-    # what torch.export traces: topk alone (ONNX has no stable sort; its TopK puts the lower
-    # index first on ties). The grid is put in slot order first, so its ties also go to the lower slot.
+    # what torch.export traces, in ops the ONNX exporter translates (it has no stable sort). The grid is put
+    # in slot order first, so the lower position in it is the lower slot.
     num_keys = sub_scores.shape[-1]
-    best, best_idx = sub_scores.topk(topk, dim=-1)
+    best, best_idx = _topk_lower_index_exportable(sub_scores, topk)
     (s1, s2), (i1, i2) = best.unbind(-2), best_idx.unbind(-2)
     grid = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (..., heads, topk * topk)
     grid_slots = (i1.unsqueeze(-1) * num_keys + i2.unsqueeze(-2)).flatten(-2)
-    by_slot = (-grid_slots).topk(grid_slots.shape[-1], dim=-1).indices  # ascending slots
+    by_slot = (-grid_slots).topk(grid_slots.shape[-1], dim=-1).indices  # ascending slots (distinct: exact)
     grid, grid_slots = grid.gather(-1, by_slot), grid_slots.gather(-1, by_slot)
-    scores, pos = grid.topk(topk, dim=-1)
+    scores, pos = _topk_lower_index_exportable(grid, topk)
     return scores, grid_slots.gather(-1, pos)
+
+
+def _topk_lower_index_exportable(x: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """``ops.topk_lower_index`` in plain ops: PyTorch's ``topk`` alone breaks ties its own way."""
+    n = x.shape[-1]
+    kth = x.topk(k, dim=-1).values[..., -1:]  # the k-th best value, whatever the ties
+    above, tied = x > kth, x == kth
+    room = k - above.sum(-1, keepdim=True)  # how many of the tied values fit, lowest index first
+    chosen = above | (tied & (tied.cumsum(-1) <= room))  # exactly k per row
+    position = torch.arange(n, 0, -1, device=x.device)  # n - i: larger for lower i, and distinct
+    index = torch.where(chosen, position, 0).topk(k, dim=-1).indices  # the chosen, by ascending index
+    values = x.gather(-1, index)
+    # place each by the chosen that beat it: a higher value, or an equal one at a lower index (earlier here)
+    v_i, v_j = values.unsqueeze(-1), values.unsqueeze(-2)
+    earlier = torch.ones(k, k, dtype=torch.bool, device=x.device).tril(-1)  # [i, j]: j before i
+    rank = ((v_j > v_i) | ((v_j == v_i) & earlier)).sum(-1)  # (..., k), a permutation of 0..k-1
+    return values.scatter(-1, rank, values), index.scatter(-1, rank, index)
 
 
 def _check_read_args(values: Tensor, indices: Tensor, weights: Optional[Tensor], trainable: Optional[Tensor]):

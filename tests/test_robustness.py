@@ -49,8 +49,10 @@ def test_ties_go_to_the_lower_slot_on_every_path():
     with reference_path():
         ref = pkm(x)
     compiled = torch.compile(pkm, backend="aot_eager", fullgraph=True)(x)
+    exported = torch.export.export(pkm.eval(), (x,)).module()(x)
     torch.testing.assert_close(eager, ref, rtol=0, atol=1e-6)
     torch.testing.assert_close(compiled, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(exported, pkm(x), rtol=0, atol=1e-6, msg="exported program")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
