@@ -120,6 +120,17 @@ def test_a_state_dict_with_both_concat_projection_names_is_refused():
     pkm.load_state_dict(legacy, strict=True)  # 0.3.0's name alone still loads
 
 
+SCORING_OPTIONS = {
+    "plain": {}, "qk_norm": dict(qk_norm=True), "temperature": dict(temperature=0.3),
+    "subtract_min": dict(score_subtract="min"), "subtract_mean": dict(score_subtract="mean", score_normalize=True),
+    "normalize": dict(score_normalize=True),
+}
+AROUND_OPTIONS = {
+    "none": {}, "pre_layernorm": dict(pre_layernorm=True), "norm_output": dict(norm_output=True),
+    "query_hidden": dict(query_hidden=(10,), query_hidden_batchnorm=True),
+}
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     heads=st.integers(1, 3),
@@ -128,7 +139,9 @@ def test_a_state_dict_with_both_concat_projection_names_is_refused():
     dim_head=st.sampled_from([2, 4, 8]),
     concat=st.booleans(),
     activation=st.sampled_from(["softmax", "relu"]),
-    query_norm=st.sampled_from(["layernorm", "channel_batchnorm", "none"]),
+    query_norm=st.sampled_from(["layernorm", "batchnorm", "channel_batchnorm", "none"]),
+    scoring=st.sampled_from(["plain", "qk_norm", "temperature", "subtract_min", "subtract_mean", "normalize"]),
+    around=st.sampled_from(["none", "pre_layernorm", "norm_output", "query_hidden"]),
     sparse=st.booleans(),
     zero_tokens=st.integers(0, 3),
     pad=st.booleans(),
@@ -136,7 +149,8 @@ def test_a_state_dict_with_both_concat_projection_names_is_refused():
     seed=st.integers(0, 2**16),
 )
 def test_fast_path_equals_reference_path(
-    heads, num_keys, topk_frac, dim_head, concat, activation, query_norm, sparse, zero_tokens, pad, trainable, seed
+    heads, num_keys, topk_frac, dim_head, concat, activation, query_norm, scoring, around, sparse, zero_tokens, pad,
+    trainable, seed
 ):
     """Outputs and every gradient, with ties (all-zero tokens) and padding, over random configurations.
 
@@ -149,6 +163,7 @@ def test_fast_path_equals_reference_path(
     pkm = PKM(
         12, heads=heads, num_keys=num_keys, topk=topk, dim_head=dim_head, concat_values_and_combine=concat,
         non_competitive_gates=activation == "relu", query_norm=query_norm, sparse_values=sparse,
+        **SCORING_OPTIONS[scoring], **AROUND_OPTIONS[around],
     ).double()
     x = torch.randn(2, 6, 12, dtype=torch.float64)
     x[0, :zero_tokens] = 0.0
