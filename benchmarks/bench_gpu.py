@@ -3,6 +3,14 @@ and a plain ``nn.EmbeddingBag`` read, in one process on one GPU.
 
     python benchmarks/bench_gpu.py            # full run on CUDA, writes benchmarks/results/bench_gpu.json
     python benchmarks/bench_gpu.py --smoke    # every code path at tiny sizes on CPU (triton interpreted)
+    python benchmarks/bench_gpu.py --peer-wheel product_key_memory-0.3.0-py3-none-any.whl   # offline
+
+The 0.3.0 columns need its wheel (see ``benchmarks/peer.py``): found in ``.cache/peer`` at
+the checkout's root, else downloaded there with ``pip download``. A GPU machine without
+network gets it carried in: ``pip download product-key-memory==0.3.0 --no-deps -d .cache/peer``
+where there is network, then copy ``.cache/peer/`` into the GPU machine's checkout (git
+ignores it, so a copy of the tracked files leaves it behind) or pass ``--peer-wheel PATH``.
+Without the wheel the 0.3.0 columns are skipped and the run goes on.
 
 Configurations: ``readme`` (PKM(dim=512, heads=4, num_keys=256, topk=32, dim_head=128),
 input (8, 1024, 512)) and ``keys1024`` (num_keys=1024: 1M slots); each in ``fp32`` and
@@ -10,16 +18,32 @@ under ``bf16`` autocast. Phases: ``forward`` (eval, no grad), ``fwd+bwd`` (loss
 ``out.square().mean()``), ``step`` (zero_grad, forward, backward, optimizer step with each
 library's recommended set-up: ours ``build_optimizer`` (sparse value gradient; the triton
 backend steps value rows with ``ops.triton.adam``), 0.3.0 ``torch.optim.Adam`` over its
-``fetch_optimizer_parameters`` groups), ``decode`` (input (1, 1, 512), eval forward), and
-the peak GPU memory of one training step above the resident model.
+``fetch_optimizer_parameters`` groups), ``decode`` (input (1, 1, 512), eval forward),
+``decode graph`` (ours only, on CUDA: the same step replayed through
+``product_key_memory.cuda_graphs.GraphedForward``, as ``TransformerLM.generate`` decodes),
+and ``memory``, the peak GPU memory of one training step above the resident model.
 
 Value-read kernels are also timed alone at the layer's read shape (tokens x heads*topk
 reads of the table) and their bandwidth is set against the device's copy bandwidth,
-measured with a large ``tensor.copy_``, for the bytes each must move at least.
+measured with a large ``tensor.copy_`` (bytes read + written), for the bytes each must
+move at least (``bytes``; e the table's element size, U the distinct slots read):
+
+* ``read fwd``: each read's index (8) and weight (e), each distinct slot's row once
+  (U * dim * e) and the output (tokens * dim * e). Repeated reads of a row may come from
+  cache, so they are not counted; ``bytes_per_read`` and ``fraction_per_read`` count one
+  row per read, the traffic the kernel asks of the memory system.
+* ``read bwd`` (row-sparse, with the weight gradient): the output gradient (tokens * dim * e),
+  each read's index (8), weight (e) and weight gradient (e), and for each distinct slot its
+  table row read once and its gradient row and row index written once (U * (2 * dim * e + 8)).
 
 Backends: ours under ``use_backend("triton")`` and ``use_backend("torch")`` (the whole layer,
-forward, backward and the optimizer's row update, on one backend). Medians of CUDA-event timings (``time.perf_counter`` in ``--smoke``), ratios to
-``torch`` measured in the same process. Not a test: nothing asserts timings.
+forward, backward and the optimizer's row update, on one backend). Medians of CUDA-event
+timings (``time.perf_counter`` in ``--smoke``). Ratios, all measured in the same process:
+``time_vs_torch`` / ``speedup_vs_torch`` against our torch backend in the same phase, and
+``time_vs_030`` / ``speedup_vs_030`` against product-key-memory 0.3.0 (the issue's targets),
+whose ``decode`` is the baseline of ``decode graph`` too (0.3.0 has no graphed decode);
+``memory_vs_030`` for peak memory. A table of them is printed at the end. Not a test:
+nothing asserts timings.
 """
 
 from __future__ import annotations
@@ -107,11 +131,11 @@ def backend(lib: str):
 # -- the libraries --------------------------------------------------------------------------------
 
 
-def load_peer_or_none():
+def load_peer_or_none(wheel=None):
     try:
         from benchmarks.peer import load_peer
 
-        return load_peer()
+        return load_peer(wheel=wheel)
     except Exception as e:  # no network, no cached wheel: the other columns still run
         print(f"product-key-memory 0.3.0 unavailable ({type(e).__name__}: {e}); its columns are skipped")
         return None
@@ -154,7 +178,11 @@ def bench_layer(config, spec, layer, decode_shape, precision, device, timer, pee
 
     def record(phase, lib, res):
         rows.append(dict(config=config, precision=precision, phase=phase, lib=lib, **res))
-        print(f"{config:9s} {precision:5s} {phase:9s} {lib:7s} {res.get('median_ms', float('nan')):10.3f} ms"
+        note = res.get("error") or res.get("skipped")
+        if note:
+            print(f"{config:9s} {precision:5s} {phase:12s} {lib:7s} {'error' if 'error' in res else 'skipped'}: {note}")
+            return
+        print(f"{config:9s} {precision:5s} {phase:12s} {lib:7s} {res.get('median_ms', float('nan')):10.3f} ms"
               + (f"  peak {res['peak_mib']:.1f} MiB" if "peak_mib" in res else ""))
 
     for lib, model in models.items():
@@ -203,9 +231,28 @@ def run_phases(lib, model, x, x_dec, precision, device, timer, peer, record):
             torch.cuda.synchronize()
             record("memory", lib, dict(peak_mib=(torch.cuda.max_memory_allocated() - base) / 2**20))
         model.zero_grad(set_to_none=True)
+        if lib != "0.3.0":  # after the memory row, so the graph's pool is not counted in it
+            model.eval()
+            record_graphed_decode(lib, model, x_dec, device, timer, record)
         if lib != "0.3.0":
             model.values.sparse = False
         gc.collect()
+
+
+def record_graphed_decode(lib, model, x_dec, device, timer, record):
+    """Our decoding step replayed as a CUDA graph (captured under the active backend and autocast)."""
+    if device.type != "cuda":
+        record("decode graph", lib, dict(skipped="CUDA graphs need a CUDA device"))
+        return
+    from product_key_memory.cuda_graphs import GraphedForward
+
+    try:
+        graphed = GraphedForward(model, x_dec)
+    except Exception as e:  # e.g. a host sync in a backend's path: report it, time the rest
+        record("decode graph", lib, dict(error=f"{type(e).__name__}: {e}"[:300]))
+        return
+    record("decode graph", lib, timer(lambda: graphed(x_dec)))
+    del graphed
 
 
 def bench_reads(config, spec, layer, device, timer, copy_bps) -> list:
@@ -226,9 +273,11 @@ def bench_reads(config, spec, layer, device, timer, copy_bps) -> list:
         w = torch.rand(tokens, m, generator=gen).to(device=device, dtype=dtype)
         g = torch.randn(tokens, D, generator=gen).to(device=device, dtype=dtype)
         reads = tokens * m
-        fwd_bytes = reads * (D * e + 8 + e) + tokens * D * e  # rows, index, weight; output
         unique = int(torch.unique(idx).numel())
-        bwd_bytes = reads * (2 * D * e + 8 + 8 + 2 * e) + unique * (D * e + 8)  # grad rows + table rows per read
+        # the least each must move (module docstring): a distinct slot's row once, not once per read
+        fwd_bytes = reads * (8 + e) + unique * D * e + tokens * D * e  # index, weight; rows; output
+        fwd_bytes_per_read = reads * (8 + e + D * e) + tokens * D * e
+        bwd_bytes = tokens * D * e + reads * (8 + 2 * e) + unique * (2 * D * e + 8)  # grad_out; reads; rows
         cases = {
             ("read fwd", "triton"): (lambda: value_read(table, idx, w), fwd_bytes),
             ("read fwd", "torch"): (lambda: F.embedding_bag(idx, table, mode="sum", per_sample_weights=w), fwd_bytes),
@@ -242,21 +291,64 @@ def bench_reads(config, spec, layer, device, timer, copy_bps) -> list:
         for (phase, lib), (fn, nbytes) in cases.items():
             res = timer(fn)
             bps = nbytes / (res["median_ms"] / 1e3)
-            res.update(bytes=nbytes, gbps=bps / 1e9, fraction_of_copy=bps / copy_bps)
+            res.update(bytes=nbytes, distinct_slots=unique, reads=reads, gbps=bps / 1e9, fraction_of_copy=bps / copy_bps)
+            if phase == "read fwd":
+                per_read = fwd_bytes_per_read / (res["median_ms"] / 1e3)
+                res.update(bytes_per_read=fwd_bytes_per_read, fraction_per_read=per_read / copy_bps)
             rows.append(dict(config=config, precision=str(dtype).replace("torch.", ""), phase=phase, lib=lib, **res))
-            print(f"{config:9s} {rows[-1]['precision']:8s} {phase:9s} {lib:12s} {res['median_ms']:10.3f} ms "
+            print(f"{config:9s} {rows[-1]['precision']:8s} {phase:12s} {lib:12s} {res['median_ms']:10.3f} ms "
                   f"{res['gbps']:9.2f} GB/s  {res['fraction_of_copy']:.2%} of copy")
         gc.collect()
     return rows
 
 
+# the phase of each baseline a phase is set against: 0.3.0 has no graphed decode, so its eager one
+PEER_PHASE = {"decode graph": "decode"}
+
+
 def add_ratios(rows):
-    base = {(r["config"], r["precision"], r["phase"]): r["median_ms"] for r in rows if r["lib"] == "torch"
-            and "median_ms" in r}
+    """``time_vs_X`` = our median / X's (lower is better), ``speedup_vs_X`` its inverse;
+    X = ``torch`` (our torch backend, same phase) and ``030`` (product-key-memory 0.3.0)."""
+    def medians(lib):
+        return {(r["config"], r["precision"], r["phase"]): r["median_ms"] for r in rows
+                if r["lib"] == lib and "median_ms" in r}
+
+    peaks = {(r["config"], r["precision"]): r["peak_mib"] for r in rows if r["lib"] == "0.3.0" and "peak_mib" in r}
+    for tag, lib, phase_map in (("torch", "torch", {}), ("030", "0.3.0", PEER_PHASE)):
+        base = medians(lib)
+        for r in rows:
+            if r["lib"] in ("0.3.0", lib) or "median_ms" not in r:
+                continue
+            t = base.get((r["config"], r["precision"], phase_map.get(r["phase"], r["phase"])))
+            if t:
+                r[f"time_vs_{tag}"] = r["median_ms"] / t
+                r[f"speedup_vs_{tag}"] = t / r["median_ms"]
     for r in rows:
-        t = base.get((r["config"], r["precision"], r["phase"]))
-        if t and "median_ms" in r:
-            r["time_vs_torch"] = r["median_ms"] / t
+        p = peaks.get((r["config"], r["precision"]))
+        if r["lib"] != "0.3.0" and "peak_mib" in r and p:
+            r["memory_vs_030"] = r["peak_mib"] / p
+
+
+def print_ratios(rows):
+    """Speedups of each of our rows over the torch backend and over 0.3.0 (x: times faster)."""
+    peer_failed = {(r["config"], r["precision"]) for r in rows if r["lib"] == "0.3.0" and "error" in r}
+    print(f"\n{'config':9s} {'prec':8s} {'phase':12s} {'lib':12s} {'ms':>10s} {'vs torch':>9s} {'vs 0.3.0':>11s}")
+    for r in rows:
+        if r["lib"] == "0.3.0" or r["phase"] == "agreement":
+            continue
+        if "peak_mib" in r:
+            vs = f"{r['memory_vs_030']:.2f}x mem" if "memory_vs_030" in r else "-"
+            print(f"{r['config']:9s} {r['precision']:8s} {r['phase']:12s} {r['lib']:12s} "
+                  f"{r['peak_mib']:7.1f}MiB {'':>9s} {vs:>11s}")
+            continue
+        if "median_ms" not in r:
+            continue
+        vt = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-"
+        vp = f"{r['speedup_vs_030']:.2f}x" if "speedup_vs_030" in r else "-"
+        if (r["config"], r["precision"]) in peer_failed and "speedup_vs_030" not in r:
+            vp = "0.3.0 fails"
+        print(f"{r['config']:9s} {r['precision']:8s} {r['phase']:12s} {r['lib']:12s} {r['median_ms']:10.3f} "
+              f"{vt:>9s} {vp:>11s}")
 
 
 def main(argv=None):
@@ -268,6 +360,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (the median is kept)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs before them")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="configurations")
+    parser.add_argument("--peer-wheel", type=Path, default=None,
+                        help="the product-key-memory 0.3.0 wheel, for a machine without network "
+                             "(None: PKM_PEER_WHEEL, else .cache/peer, else pip download)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file (None: benchmarks/results/bench_gpu.json, bench_gpu_smoke.json with --smoke)")
     args = parser.parse_args(argv)
@@ -285,7 +380,7 @@ def main(argv=None):
         copy_bytes = 1 << 30
     timer = Timer(device, args.repeats, args.warmup)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke, triton interpreted)"
-    peer = load_peer_or_none()
+    peer = load_peer_or_none(args.peer_wheel)
     copy_bps = copy_bandwidth(device, timer, copy_bytes)
     print(f"device: {name}; copy bandwidth {copy_bps / 1e9:.1f} GB/s")
 
@@ -296,10 +391,12 @@ def main(argv=None):
             rows += bench_layer(config, spec, layer, decode_shape, precision, device, timer, peer)
         rows += bench_reads(config, spec, layer, device, timer, copy_bps)
     add_ratios(rows)
+    print_ratios(rows)
     results = dict(
         device=name, smoke=args.smoke, torch=torch.__version__, copy_gbps=copy_bps / 1e9,
         layer=layer, configs={k: configs[k] for k in args.configs}, decode_shape=decode_shape,
-        repeats=args.repeats, warmup=args.warmup, rows=rows,
+        repeats=args.repeats, warmup=args.warmup, peer=None if peer is None else "product-key-memory 0.3.0",
+        rows=rows,
     )
     out = args.out or ROOT / "benchmarks" / "results" / ("bench_gpu_smoke.json" if args.smoke else "bench_gpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
