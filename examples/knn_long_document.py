@@ -158,12 +158,16 @@ def save_plot(results, path: Path, chance: float):
     plt.close(fig)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # options whose default depends on --quick say it in their help
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def main(argv=None, log=print):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer steps and shorter documents: minutes on 2 CPU cores")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 3000, 1500 with --quick)")
-    p.add_argument("--segments", type=int, default=None, help="segments per document (default 8, 3 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 3000, or 1500 with --quick)")
+    p.add_argument("--segments", type=int, default=None, help="segments per document (default: 8, or 3 with --quick)")
     p.add_argument("--seq-len", type=int, default=32, help="tokens per segment, the context of both models")
     p.add_argument("--batch-size", type=int, default=32, help="documents per step")
     p.add_argument("--dim", type=int, default=64, help="model width")
@@ -190,7 +194,7 @@ def main(argv=None, log=print):
     try:  # fail before training, not after
         import matplotlib  # noqa: F401
     except ImportError:
-        sys.exit(f'{Path(__file__).name} needs matplotlib, not installed: pip install "product-key-memory[examples]"')
+        sys.exit(f'{Path(__file__).name} needs matplotlib, not installed: pip install -e ".[examples]" in a checkout of product-key-memory (tqdm, matplotlib)')
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 The task: 16,384 random keys drawn from a skewed (low-rank, shifted) distribution,
 each mapped to its own random target; a PKM of 4,096 slots learns the mapping.
 After training, one eval pass over all keys is tracked and the usage statistics
-of each layer are printed and plotted (needs matplotlib: pip install "product-key-memory[examples]").
+of each layer are printed and plotted (needs matplotlib: ``pip install -e ".[examples]"`` in a checkout).
 One to three minutes on two CPU cores. Writes ``memory_usage.png`` under ``--out``.
 
     python examples/memory_usage.py               # runs/memory_usage/memory_usage.png
@@ -41,7 +41,7 @@ def main(argv=None):
     try:  # fail before training, not after
         import matplotlib  # noqa: F401
     except ImportError:
-        sys.exit(f'{Path(__file__).name} needs matplotlib, not installed: pip install "product-key-memory[examples]"')
+        sys.exit(f'{Path(__file__).name} needs matplotlib, not installed: pip install -e ".[examples]" in a checkout of product-key-memory (tqdm, matplotlib)')
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / "memory_usage.png"
 

@@ -13,7 +13,7 @@ Two models train on the same batches in the same order:
   so both models spend the same compute per token and differ only in parameters.
 
 Run ``python examples/train_lm.py --quick`` for a few minutes on 2 CPU cores; see ``--help``.
-Needs the examples' extras (tqdm, matplotlib): ``pip install "product-key-memory[examples]"``.
+Needs the examples' extras (tqdm, matplotlib): ``pip install -e ".[examples]"`` in a checkout.
 Writes ``val_curves.png``, ``results.json`` and ``memory_usage_pkm.png`` under ``--out``.
 
 Blocks are numbered from 1 as in ``TransformerLM(pkm_layers=...)``; module paths count from 0,
@@ -270,7 +270,7 @@ def require_extras(names=("tqdm", "matplotlib")):
             missing.append(name)
     if missing:
         sys.exit(f"{Path(__file__).name} needs {' and '.join(missing)}, not installed: "
-                 f'pip install "product-key-memory[examples]"')
+                 f'pip install -e ".[examples]" in a checkout of product-key-memory (tqdm, matplotlib)')
 
 
 # --quick: the default models for 400 steps instead of 2000 (a few minutes on one CPU core)

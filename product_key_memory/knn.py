@@ -89,7 +89,8 @@ def _faiss():
     try:
         import faiss
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("backend='faiss' needs faiss: pip install 'product-key-memory[faiss]' (faiss-cpu)") from err
+        raise ImportError("backend='faiss' needs faiss: pip install faiss-cpu (or the 'faiss' extra: "
+                          "pip install -e '.[faiss]' in a checkout of product-key-memory)") from err
     return faiss
 
 
@@ -115,7 +116,7 @@ class KNNMemory:
             the keys, ids = buffer slots, overwritten slots removed before re-adding, so eviction is FIFO as in
             the exact backend. Until an index holds ``faiss_train_size`` memories it is searched exactly; it is
             then trained on the keys it holds (centroids are kept across :meth:`clear`). Approximate; ties
-            follow Faiss. Needs ``pip install product-key-memory[faiss]``.
+            follow Faiss. Needs ``pip install faiss-cpu`` (the ``faiss`` extra).
         chunk_size: memories scored at once by the exact search; its scores take ``rows * queries *
             chunk_size * 4`` bytes. Default ``None``: as many as keep that under 32 MiB.
         faiss_nlist: inverted lists of each Faiss index (default ``sqrt(max_memories)``, at least 1).

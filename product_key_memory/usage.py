@@ -284,7 +284,7 @@ def save_usage_plot(
     One row per layer: left, the share of reads (and of weight) per slot, slots sorted
     from most to least used, log scale; right, the cumulative share against the
     fraction of slots, with the uniform diagonal and the 50/90/99% marks.
-    Needs matplotlib (``pip install product-key-memory[plot]``).
+    Needs matplotlib (``pip install matplotlib``, or the ``plot`` extra).
 
     Returns:
         the matplotlib ``Figure``.
@@ -293,7 +293,8 @@ def save_usage_plot(
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("save_usage_plot needs matplotlib: pip install 'product-key-memory[plot]'") from e
+        raise ImportError("save_usage_plot needs matplotlib: pip install matplotlib (or the 'plot' extra: "
+                          "pip install -e '.[plot]' in a checkout of product-key-memory)") from e
 
     names = list(tracker.layers) if layers is None else list(layers)
     fig = Figure(figsize=(10, 3.2 * len(names)), layout="constrained")

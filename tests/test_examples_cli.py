@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("tqdm", "matplotlib", "faiss", "transformers", "triton")  # extras, not dependencies
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-EXTRA_LINE = 'pip install "product-key-memory[examples]"'
+EXTRA_LINE = 'pip install -e ".[examples]" in a checkout of product-key-memory'
 
 SCRIPTS = sorted(p.relative_to(ROOT).as_posix() for folder in ("examples", "benchmarks")
                  for p in (ROOT / folder).glob("*.py") if "ArgumentParser" in p.read_text())
