@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from ._checks import check_bool, check_choice, check_positive_int
 from .keys import ProductKeys
 from .output import MemoryOutput
-from .query import QUERY_NORMS, QueryNetwork
+from . import functional as PF, ops
+from .query import QUERY_NORMS, IdentityNorm, QueryNetwork
 from .scoring import Scoring
 from .tables import VALUE_INITS, EmbeddingValues, ValueTable
 
@@ -313,6 +314,8 @@ class PKM(nn.Module):
         gumbel_noise_scale: float = 0.0,
     ) -> Tensor:
         lead = self._check_input(x, input_mask, mem_trainable_mask, gumbel_noise_scale)
+        if not self.training and not torch.compiler.is_compiling() and not self._needs_grad(x):
+            return self._lean_forward(x, input_mask, mem_trainable_mask).view(*lead, self.dim)
         x = x.reshape(-1, self.dim)  # (N, dim)
         mask = None
         if input_mask is not None:
@@ -330,6 +333,58 @@ class PKM(nn.Module):
         if mask is not None:
             out = torch.where(mask.unsqueeze(-1), out, 0.0)
         return out.view(*lead, self.dim)
+
+    def _needs_grad(self, x: Tensor) -> bool:
+        # eval mode alone is no promise: a frozen-dropout finetune runs in eval with gradients on
+        if not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or any(p.requires_grad for p in self.parameters())
+
+    def _lean_forward(self, x: Tensor, input_mask: Optional[Tensor], mem_trainable_mask: Optional[Tensor]) -> Tensor:
+        """:meth:`forward` in eval mode when no gradient is wanted: the same stages and kernels
+        (so the same slots and outputs), less what only training or autograd needs: identity
+        modules (eval dropouts, ``nn.Identity``), the parts' module calls and the custom ops'
+        dispatch. A part of another type (a subclass) is called as a module, as usual; the
+        value table always is, so its forward hooks see every read."""
+        x = x.reshape(-1, self.dim)  # (N, dim)
+        mask = None
+        if input_mask is not None:
+            mask = input_mask.reshape(-1)
+            x = torch.where(mask.unsqueeze(-1), x, 0.0)
+        q = _lean_queries(self.query, x, mask) if type(self.query) is QueryNetwork else self.query(x, mask)
+        pk = self.product_keys
+        if type(pk) is ProductKeys and not pk.differentiable_topk:
+            keys = self.keys.transpose(1, 2)  # (H, 2, num_keys, d), a view
+            if pk.qk_norm:
+                q, keys = PF.qk_normalize(q, keys)
+            scores, indices = ops.search_no_grad(q, keys, pk.topk)  # (N, heads, topk)
+        else:
+            scores, indices = pk(q, self.keys)
+        sc = self.scoring
+        if type(sc) is Scoring:
+            weights = PF.rescore(
+                scores, temperature=sc.temperature, activation=sc.activation, subtract=sc.subtract,
+                normalize=sc.normalize,
+            )
+            weights = sc.attn_dropout(weights) if sc.attn_dropout.training else weights
+        else:
+            weights = sc(scores)
+        if mask is not None:
+            weights = torch.where(mask.view(-1, 1, 1), weights, 0.0)
+        o = self.output
+        if not o.concat_heads:
+            indices, weights = indices.flatten(-2), weights.flatten(-2)  # (N, heads * topk)
+        read = self.values(indices, weights, trainable=mem_trainable_mask)
+        if type(o) is MemoryOutput:
+            out = o.project(read)  # (N, dim)
+            for piece in (o.value_dropout, o.output_norm):
+                if _live(piece):
+                    out = piece(out)
+        else:
+            out = o(read)
+        if mask is not None:
+            out = torch.where(mask.unsqueeze(-1), out, 0.0)
+        return out
 
     def _check_input(self, x, input_mask, mem_trainable_mask, gumbel_noise_scale):
         if not isinstance(x, Tensor):
@@ -380,6 +435,28 @@ class PKM(nn.Module):
 
 
 ProductKeyMemory = PKM
+
+
+def _live(module: nn.Module) -> bool:
+    """Whether calling ``module`` can change its input: not an ``nn.Identity``, nor a dropout in eval."""
+    if type(module) is nn.Identity:
+        return False
+    return not (isinstance(module, nn.Dropout) and not module.training)
+
+
+def _lean_queries(qn: QueryNetwork, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """``QueryNetwork.forward`` without its identity pieces: ``(N, dim)`` -> ``(N, heads, 2, dim_head)``."""
+    for piece in (qn.pre_layernorm, qn.input_dropout):
+        if _live(piece):
+            x = piece(x)
+    if qn.query_hidden is not None:
+        x = qn.query_hidden(x, mask)
+    q = qn.to_queries(x).unflatten(-1, (2, qn.heads, qn.dim_head))  # (N, 2, H, d)
+    if type(qn.norm) is not IdentityNorm:
+        q = qn.norm(q, mask)
+    if _live(qn.query_dropout):
+        q = qn.query_dropout(q)
+    return q.transpose(1, 2)  # (N, H, 2, d)
 
 
 def _check_mask(name: str, mask, shape: tuple, shape_name: str, device: torch.device) -> None:

@@ -152,8 +152,23 @@ _search.register_autograd(_search_backward, setup_context=_search_setup)
 def search(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
     """``pkm::search``: queries ``(N, heads, 2, dim_key)`` and keys ``(heads, 2, num_keys, dim_key)``
     (any strides with a unit last stride) -> ``scores`` ``(N, heads, topk)`` in float32 (float64
-    for float64 input), differentiable, and ``slots`` ``(N, heads, topk)`` long, best first."""
+    for float64 input), differentiable, and ``slots`` ``(N, heads, topk)`` long, best first.
+
+    Calls needing no gradient skip the custom op's dispatch (the lean inference path; at a
+    decoding step that dispatch cost more than the search itself); compiled code keeps the op.
+    """
+    if not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad)
+    ):
+        return search_no_grad(queries, keys, topk)
     return _search(queries, keys, topk)
+
+
+def search_no_grad(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
+    """What ``pkm::search`` computes, called on the backend directly: no autograd, no dispatch."""
+    if queries.shape[0] == 0:
+        return _search_fake(queries, keys, topk)
+    return _backend(queries.device).search(queries, keys, topk)
 
 
 # -- pkm::value_read -------------------------------------------------------------------------
