@@ -13,7 +13,7 @@ its Faiss HNSW index with ``multiprocessing=False`` (its transformer's default; 
 processes per call). Ours: the exact backend, and the faiss IVF backend. Not a test: nothing asserts.
 
 The peer is the real package: ``pip install --no-deps memorizing-transformers-pytorch==0.4.1 faiss-cpu
-joblib einops-exts`` (its wheel asks for faiss-gpu); without it only our rows are printed.
+joblib cloudpickle einops-exts`` (its wheel asks for faiss-gpu); without it only our rows are printed.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def load_peer():
         from memorizing_transformers_pytorch.knn_memory import KNNMemory as PeerKNNMemory
     except ImportError as err:
         print(f"memorizing-transformers-pytorch 0.4.1 not importable ({err}); to compare, run\n"
-              "  pip install --no-deps memorizing-transformers-pytorch==0.4.1 faiss-cpu joblib einops-exts\n")
+              "  pip install --no-deps memorizing-transformers-pytorch==0.4.1 faiss-cpu joblib cloudpickle einops-exts\n")
         return None
     return PeerKNNMemory
 
