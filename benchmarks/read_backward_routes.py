@@ -1,8 +1,9 @@
-"""Which value-read backward wins by size: the slot-sorted ``ops.value_read`` or autograd of ``F.embedding_bag``.
+"""Which value-read backward wins by size: the slot-sorted one or ``F.embedding_bag``'s own.
 
     python benchmarks/read_backward_routes.py              # 1 and 2 threads, writes benchmarks/results/read_routes.json
 
-Both compute the same forward, value gradient (dense, the default) and weight gradient.
+Both compute the same forward, value gradient (dense, the default) and weight gradient:
+``ops.cpu.value_read_backward_sorted`` and ``ops.cpu.value_read_backward_bag``, each forced.
 Timed: forward + backward of ``out.square().mean()`` on a table ``(num_slots, dim)``
 with ``bags * m`` uniform random reads (``m = heads * topk = 128``), the two routes
 alternating on every repeat in one process; median of the repeats, ratio =
@@ -20,24 +21,28 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from product_key_memory import ops  # noqa: E402
+from product_key_memory.ops import cpu  # noqa: E402
 
 M = 128
 
 
 def routes(values, idx, w):
+    # both routes forced, whatever choose_read_backward would pick: the forward read, the loss's
+    # gradient, then one backward
+    def run(backward):
+        out = cpu.value_read(values.detach(), idx, w.detach())
+        grad_out = 2 * out / out.numel()  # d out.square().mean() / d out
+        return backward(grad_out, values, idx, w, None, True, True)
+
     def sorted_route():
-        values.grad = w.grad = None
-        ops.value_read(values, idx, w).square().mean().backward()  # torch backend on CPU: the sorted backward
+        return run(cpu.value_read_backward_sorted)
 
     def bag_route():
-        values.grad = w.grad = None
-        F.embedding_bag(idx, values, mode="sum", per_sample_weights=w).square().mean().backward()
+        return run(lambda g, v, i, ww, t, _, nw: cpu.value_read_backward_bag(g, v, i, ww, t, nw))
 
     return dict(sorted=sorted_route, embedding_bag=bag_route)
 

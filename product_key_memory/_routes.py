@@ -22,9 +22,12 @@ _FEW_READ_BYTES = 16 << 20
 def choose_read_backward(num_reads: int, num_slots: int, dim: int, dtype: torch.dtype, threads: int) -> str:
     """The faster backward of a value read with a dense table gradient.
 
-    ``"sorted"``: ``ops.ValueRead``, reads sorted by slot once, the weight gradient and
-    the touched rows computed in slot order (also the only route to a sparse gradient).
-    ``"embedding_bag"``: autograd of ``F.embedding_bag`` (product-key-memory 0.3.0's route).
+    ``"sorted"``: :func:`ops.cpu.value_read_backward` (the backward of ``ops.value_read`` on the
+    ``torch`` backend), reads sorted by slot once, the weight gradient and the touched rows
+    computed in slot order (also the only route to a sparse gradient).
+    ``"embedding_bag"``: :func:`ops.cpu.value_read_backward_bag`, the kernels autograd of
+    ``F.embedding_bag`` runs (product-key-memory 0.3.0's route). ``ops.cpu.value_read_backward``
+    asks this rule on every dense backward, with ``torch.get_num_threads()``.
 
     Rule: ``"embedding_bag"`` when the table fits in ``8 MiB`` and the rows read in
     ``16 MiB``; ``"sorted"`` otherwise. Measured with ``benchmarks/read_backward_routes.py``

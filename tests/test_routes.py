@@ -29,3 +29,39 @@ def test_every_answer_is_a_known_route_and_bad_sizes_raise():
         choose_read_backward(0, 10, 10, torch.float32, 1)
     with pytest.raises(TypeError, match="dtype"):
         choose_read_backward(1, 10, 10, "float32", 1)
+
+
+@pytest.mark.parametrize("with_weights, with_trainable", [(True, False), (True, True), (False, False)])
+def test_both_read_backward_routes_give_the_same_gradients(with_weights, with_trainable):
+    from product_key_memory.ops import cpu, reference
+
+    values = torch.randn(64, 8, dtype=torch.float64)
+    idx = torch.randint(0, 64, (10, 6))
+    w = torch.rand(10, 6, dtype=torch.float64) if with_weights else None
+    if w is not None:
+        w[0, :2] = 0.0  # padding reads
+    trainable = (torch.rand(64) > 0.3) if with_trainable else None
+    g = torch.randn(10, 8, dtype=torch.float64)
+    want = reference.value_read_backward(g, values, idx, w, trainable, True, True)
+    bag = cpu.value_read_backward_bag(g, values, idx, w, trainable, True)
+    srt = cpu.value_read_backward_sorted(g, values, idx, w, trainable, True, True)
+    for name, got in (("embedding_bag", bag), ("sorted", srt)):
+        torch.testing.assert_close(got[0], want[0], msg=f"{name} route: value gradient")
+        if w is None:
+            assert got[1] is None, f"{name} route: a weight gradient without weights"
+        else:
+            torch.testing.assert_close(got[1], want[1], msg=f"{name} route: weight gradient")
+
+
+def test_small_table_backward_takes_the_embedding_bag_route(monkeypatch):
+    from product_key_memory import functional as PF
+    from product_key_memory.ops import cpu
+
+    calls = []
+    real = cpu.value_read_backward_bag
+    monkeypatch.setattr(cpu, "value_read_backward_bag", lambda *a: calls.append(1) or real(*a))
+    values = torch.randn(128, 16, requires_grad=True)
+    w = torch.rand(4, 8, requires_grad=True)
+    PF.value_read(values, torch.randint(0, 128, (4, 8)), w).sum().backward()
+    assert calls, "an 8 KiB table read 32 times should take the embedding_bag route"
+    assert values.grad is not None and w.grad is not None

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._routes import choose_read_backward
+
 __all__ = [
     "topk_lower_index",
     "candidate_pairs",
@@ -37,6 +39,8 @@ __all__ = [
     "value_read",
     "value_read_backward",
     "value_read_backward_rows",
+    "value_read_backward_bag",
+    "value_read_backward_sorted",
     "empty_hugepage",
 ]
 
@@ -285,7 +289,24 @@ def value_read_backward(
     grad_out: Tensor, values: Tensor, indices: Tensor, weights: Optional[Tensor], trainable: Optional[Tensor],
     need_values_grad: bool, need_weights_grad: bool,
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """``(grad_values, grad_weights)``, dense; ``None`` for a gradient not asked for."""
+    """``(grad_values, grad_weights)``, dense; ``None`` for a gradient not asked for.
+
+    The route is chosen by size (:func:`~product_key_memory._routes.choose_read_backward`): the
+    slot-sorted walk below, or, for a table that sits in the cache read by few bags,
+    :func:`value_read_backward_bag` (``F.embedding_bag``'s own backward, faster there).
+    """
+    if need_values_grad and indices.numel() > 0 and choose_read_backward(
+        indices.numel(), values.shape[0], values.shape[1], values.dtype, torch.get_num_threads()
+    ) == "embedding_bag":
+        return value_read_backward_bag(grad_out, values, indices, weights, trainable, need_weights_grad)
+    return value_read_backward_sorted(grad_out, values, indices, weights, trainable, need_values_grad, need_weights_grad)
+
+
+def value_read_backward_sorted(
+    grad_out: Tensor, values: Tensor, indices: Tensor, weights: Optional[Tensor], trainable: Optional[Tensor],
+    need_values_grad: bool, need_weights_grad: bool,
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The slot-sorted route of :func:`value_read_backward`, whatever the sizes."""
     if not need_values_grad:
         if not need_weights_grad or weights is None:
             return None, None
@@ -297,3 +318,30 @@ def value_read_backward(
     )
     dense = empty_hugepage(*values.shape, dtype=values.dtype, device=values.device).zero_()
     return dense.index_copy_(0, rows_idx, rows), grad_weights
+
+
+def value_read_backward_bag(
+    grad_out: Tensor, values: Tensor, indices: Tensor, weights: Optional[Tensor], trainable: Optional[Tensor],
+    need_weights_grad: bool,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """The dense ``(grad_values, grad_weights)`` by the kernels autograd of ``F.embedding_bag`` runs
+    (product-key-memory 0.3.0's route). The same sums as the sorted route, added in another order;
+    rows outside ``trainable`` are zeroed afterwards."""
+    bags, m = indices.shape
+    flat = indices.long().reshape(-1)
+    g = grad_out.to(values.dtype).contiguous()
+    bag_of_read = torch.arange(bags, device=flat.device).repeat_interleave(m)
+    psw = None if weights is None else weights.reshape(-1).to(values.dtype)
+    bag_size = torch.full((bags,), m, dtype=torch.long, device=flat.device)
+    grad_values = torch.ops.aten._embedding_bag_dense_backward(
+        g, flat, bag_of_read, bag_size, flat.new_empty(0), values.shape[0], False, 0, psw, -1
+    )
+    if trainable is not None:
+        grad_values = grad_values.masked_fill_(~trainable.unsqueeze(-1), 0.0)
+    grad_weights = None
+    if need_weights_grad and weights is not None:
+        offsets = torch.zeros(1, dtype=torch.long, device=flat.device)  # only checked, not used, by the kernel
+        grad_weights = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            g, values, flat, offsets, bag_of_read, 0, -1
+        ).view_as(weights).to(weights.dtype)
+    return grad_values, grad_weights
