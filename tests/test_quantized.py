@@ -1,8 +1,8 @@
 """QuantizedValues and quantize_values_: formats, reads against the reference, gradients, state dicts.
 
-PKM in this branch still reads ``self.values.weight`` directly, so the layer-level tests
-compose its stages by hand (``queries -> search -> table read``), which is the read the
-restructured layer makes through the ``ValueTable`` protocol.
+PKM reads through its ``ValueTable``, so the layer tests run ``quantize_values_(pkm, fmt)``
+then ``pkm(x)``; a few compose the stages by hand (``queries -> search -> table read``) to
+pass a table that is not the layer's own.
 """
 
 import io
@@ -38,7 +38,7 @@ def fmt_name(fmt) -> str:
 
 
 def forward_with_table(pkm: PKM, x: torch.Tensor, table: ValueTable) -> torch.Tensor:
-    """PKM's forward (no mask, no concat) with its value read done by ``table``."""
+    """PKM's forward (no mask, no concat) with its value read done by ``table``, a table not the layer's own."""
     flat = x.reshape(-1, pkm.dim)
     weights, indices = pkm.search(pkm.queries(flat))  # (N, H, topk)
     out = table(indices.flatten(-2), weights.flatten(-2))
@@ -179,6 +179,43 @@ def test_quantize_values_names_tables_it_cannot_convert():
     model = nn.Sequential(nn.ModuleDict(dict(table=Hooked())))
     quantize_values_(model, torch.int8)
     assert isinstance(model[0]["table"], QuantizedValues)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=fmt_name)
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_quantized_layer_within_format_bound(fmt, grad):
+    pkm = PKM(dim=32, heads=2, num_keys=16, topk=4, dim_head=8).eval()
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        ref = pkm(x)
+        weights, indices = pkm.search(pkm.queries(x.reshape(-1, 32)))
+        weights, indices = weights.flatten(-2), indices.flatten(-2)  # (N, heads * topk)
+        rows = pkm.values.weight[indices]  # (N, m, dim)
+    name = fmt_name(fmt)
+    # each read row is off by at most the format's element bound; a half-format read also rounds
+    # the weights and the sum to the half dtype
+    bound = (weights.abs().unsqueeze(-1) * element_bound(pkm.values.weight, name)[indices]).sum(-2)
+    if name in UNIT_ROUNDOFF:
+        bound = bound + 3 * UNIT_ROUNDOFF[name] * (weights.abs().unsqueeze(-1) * rows.abs()).sum(-2)
+    quantize_values_(pkm, fmt)
+    assert isinstance(pkm.values, QuantizedValues)
+    with torch.set_grad_enabled(grad):
+        out = pkm(x)
+    err = (out.detach() - ref).abs().reshape(-1, 32)
+    assert (err <= bound + 1e-6).all(), f"{name}: max excess {(err - bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=fmt_name)
+def test_pkm_state_dict_round_trip(fmt):
+    saved = quantize_values_(PKM(dim=32, heads=2, num_keys=16, topk=4, dim_head=8), fmt).eval()
+    buf = io.BytesIO()
+    torch.save(saved.state_dict(), buf)
+    fresh = quantize_values_(PKM(dim=32, heads=2, num_keys=16, topk=4, dim_head=8), fmt).eval()
+    fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), saved(x))
+    assert set(fresh.state_dict()) == set(saved.state_dict())
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=fmt_name)
