@@ -3,6 +3,8 @@
     python benchmarks/bench_pkm.py            # full run, writes benchmarks/results/bench_pkm.json
     python benchmarks/bench_pkm.py --quick    # fewer repeats, 2 threads only
     python benchmarks/bench_pkm.py --sweep    # the size sweep below, writes bench_pkm_sweep.json
+    python benchmarks/bench_pkm.py --quick-sweep        # 8 representative sweep points, ~10 minutes on 2 cores
+    python benchmarks/bench_pkm.py --list-points        # the sweep's numbered points, for --points 0 5 9
 
 Configurations: ``readme`` (dim=512, heads=4, dim_head=128, num_keys=256, topk=32,
 input (1, 1024, 512)), ``keys1024`` (the same with num_keys=1024: 1M slots), and
@@ -73,6 +75,18 @@ SWEEP_CORNERS = (
     dict(num_keys=1024, heads=1, dim_head=64, topk=8, tokens=1024),
     dict(num_keys=128, heads=8, dim_head=256, topk=64, tokens=1024),
     dict(num_keys=1024, heads=8, dim_head=256, topk=64, tokens=2048),
+)
+# --quick-sweep: one point per axis and corner kind, nothing with a 1M-slot dense gradient or 8192
+# tokens, at 2 threads: about 10 minutes on 2 cores
+QUICK_SWEEP = (
+    dict(SWEEP_BASE),
+    {**SWEEP_BASE, "tokens": 1},
+    {**SWEEP_BASE, "tokens": 16},
+    {**SWEEP_BASE, "num_keys": 512},
+    {**SWEEP_BASE, "heads": 8},
+    {**SWEEP_BASE, "dim_head": 64},
+    {**SWEEP_BASE, "topk": 64},
+    dict(num_keys=128, heads=1, dim_head=64, topk=8, tokens=1024),
 )
 ALLOCATOR_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
                  "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
@@ -259,7 +273,7 @@ def run_sweep(args) -> dict:
     results = dict(meta=dict(torch=torch.__version__, cpu_count=os.cpu_count(), loadavg_start=os.getloadavg(),
                              time_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), repeats=args.repeats),
                    rows=[])
-    for point in sweep_points():
+    for point in args.sweep_points:
         tokens = point["tokens"]
         layer = {k: v for k, v in point.items() if k not in ("tokens", "num_keys")}
         ours, theirs, _ = make_pair(point["num_keys"], **layer)
@@ -406,12 +420,33 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_pkm.json",
                         help="JSON file of the results (with --sweep, bench_pkm_sweep.json beside it)")
     parser.add_argument("--sweep", action="store_true", help="the size sweep (forward, fwd+bwd) instead of the configs")
+    parser.add_argument("--quick-sweep", action="store_true",
+                        help="the sweep at 8 representative points, 2 threads, 3 repeats (about 10 minutes on 2 cores)")
+    parser.add_argument("--points", type=int, nargs="+", default=None,
+                        help="with --sweep: only these points, numbered as --list-points prints them")
+    parser.add_argument("--list-points", action="store_true", help="print the numbered sweep points and exit")
     parser.add_argument("--_memory-child", nargs=3, metavar=("LIB", "CONFIG", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory_child:
         lib, config, threads = args._memory_child
         print(json.dumps(memory_child(lib, config, int(threads))))
         return
+    points = sweep_points()
+    if args.list_points:
+        for i, point in enumerate(points):
+            print(f"{i:3d}  " + " ".join(f"{k}={v}" for k, v in point.items()))
+        return
+    if args.quick_sweep:
+        args.sweep, args.quick = True, True
+        args.sweep_points = list(QUICK_SWEEP)
+    elif args.points is not None:
+        bad = [i for i in args.points if not 0 <= i < len(points)]
+        if bad:
+            parser.error(f"--points must be in 0..{len(points) - 1} (see --list-points), got {bad}")
+        args.sweep = True
+        args.sweep_points = [points[i] for i in args.points]
+    else:
+        args.sweep_points = points
     if args.threads is None:
         args.threads = [2] if args.quick else [1, 2]
     if args.sweep:
