@@ -4,16 +4,24 @@ import torch
 from product_key_memory._routes import READ_BACKWARDS, choose_read_backward
 
 
-def test_small_table_few_reads_take_embedding_bag():
+def test_small_table_few_reads_take_embedding_bag_on_one_thread():
     assert choose_read_backward(4096, 128**2, 128, torch.float32, 1) == "embedding_bag"
-    assert choose_read_backward(32768, 128**2, 128, torch.float32, 2) == "embedding_bag"
+    assert choose_read_backward(32768, 128**2, 128, torch.float32, 1) == "embedding_bag"
+    assert choose_read_backward(32768, 128**2, 128, torch.float32, 2) == "sorted"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("reads, slots", [(131072, 256**2), (524288, 256**2), (524288, 512**2), (131072, 128**2)])
+def test_wide_rows_read_one_to_eight_times_take_embedding_bag(reads, slots, threads):
+    assert choose_read_backward(reads, slots, 512, torch.float32, threads) == "embedding_bag"
 
 
 @pytest.mark.parametrize(
     "reads, slots, dim",
-    [(131072, 128**2, 128), (128, 128**2, 512), (4096, 256**2, 128), (131072, 256**2, 512), (128, 1024**2, 128)],
+    [(131072, 128**2, 128), (128, 128**2, 512), (4096, 256**2, 128), (32768, 256**2, 512), (524288, 128**2, 512),
+     (131072, 1024**2, 512), (131072, 256**2, 256)],
 )
-def test_large_tables_or_many_reads_take_sorted(reads, slots, dim):
+def test_large_tables_few_or_many_reads_per_slot_and_narrow_rows_take_sorted(reads, slots, dim):
     assert choose_read_backward(reads, slots, dim, torch.float32, 2) == "sorted"
 
 
@@ -62,6 +70,11 @@ def test_small_table_backward_takes_the_embedding_bag_route(monkeypatch):
     monkeypatch.setattr(cpu, "value_read_backward_bag", lambda *a: calls.append(1) or real(*a))
     values = torch.randn(128, 16, requires_grad=True)
     w = torch.rand(4, 8, requires_grad=True)
-    PF.value_read(values, torch.randint(0, 128, (4, 8)), w).sum().backward()
-    assert calls, "an 8 KiB table read 32 times should take the embedding_bag route"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        PF.value_read(values, torch.randint(0, 128, (4, 8)), w).sum().backward()
+    finally:
+        torch.set_num_threads(threads)
+    assert calls, "an 8 KiB table read 32 times on one thread should take the embedding_bag route"
     assert values.grad is not None and w.grad is not None
