@@ -131,7 +131,7 @@ class QuantizedValues(ValueTable):
 
     Measured at the README layer (``dim=512, heads=4, num_keys=256, topk=32``, random
     input, rows ~ N(0, 1/512)), error of the layer output relative to its float32 RMS:
-    see ``docs/inference.md`` (``benchmarks/bench_inference.py`` prints them).
+    the README's "Inference" and ``benchmarks/README.md`` (``benchmarks/bench_inference.py`` prints them).
 
     Args:
         num_slots, dim: table size.
@@ -222,7 +222,14 @@ class QuantizedValues(ValueTable):
                     else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets
                 )
                 psw = None if w is None else w.float()  # the kernels take float32 weights only
-                out = op(self.packed, idx, None, False, 0, False, psw)
+                if torch.compiler.is_compiling() and self.format == "int8":
+                    # the int8 kernel's meta function (what tracing runs) takes flat indices and offsets only
+                    bags, m = idx.shape
+                    offsets = torch.arange(0, bags * m, m, device=idx.device)
+                    psw = None if psw is None else psw.reshape(-1)
+                    out = op(self.packed, idx.reshape(-1), offsets, False, 0, False, psw)
+                else:
+                    out = op(self.packed, idx, None, False, 0, False, psw)
             return out.to(self.out_dtype)
         return self.reference_read(idx, w)
 
