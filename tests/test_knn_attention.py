@@ -232,3 +232,26 @@ def test_generate_with_memories_matches_segment_by_segment_greedy_loop():
 def test_scale_is_learned_per_head_from_attn_scale_init():
     attn = KNNAttention(8, heads=3, dim_head=4, attn_scale_init=10)
     assert_close(attn.log_scale, torch.full((3,), math.log(10)))
+
+
+@pytest.mark.cuda
+def test_knn_model_on_cuda_equals_cpu_and_syncs_no_host():
+    """A document of three segments with a start token, memories on the GPU: the same logits and memories."""
+    cpu_model = knn_lm(clear_memories_on_sos_token_id=1).eval()
+    gpu_model = knn_lm(clear_memories_on_sos_token_id=1).eval().cuda()
+    cpu_mem, gpu_mem = cpu_model.create_knn_memories(2, max_memories=64), gpu_model.create_knn_memories(2, max_memories=64)
+    assert gpu_mem[0].device.type == "cuda"
+    segments = torch.randint(2, 16, (3, 2, 8))
+    segments[2, 1, 4] = 1
+    with torch.no_grad():
+        for segment in segments:
+            want = cpu_model(segment, cpu_mem)
+            tokens = segment.cuda()
+            torch.cuda.set_sync_debug_mode("error")  # a host sync in the forward or the memory would raise
+            try:
+                got = gpu_model(tokens, gpu_mem)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(gpu_mem[0].count.cpu(), cpu_mem[0].count)
+    assert_close(gpu_mem[0].buffer.cpu(), cpu_mem[0].buffer, atol=1e-5, rtol=1e-5)
