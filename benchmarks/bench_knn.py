@@ -41,7 +41,8 @@ def load_peer():
         from memorizing_transformers_pytorch.knn_memory import KNNMemory as PeerKNNMemory
     except ImportError as err:
         print(f"memorizing-transformers-pytorch 0.4.1 not importable ({err}); to compare, run\n"
-              "  pip install --no-deps memorizing-transformers-pytorch==0.4.1 faiss-cpu joblib cloudpickle einops-exts\n")
+              "  pip install --no-deps memorizing-transformers-pytorch==0.4.1 faiss-cpu joblib cloudpickle "
+              "einops-exts\n")
         return None
     return PeerKNNMemory
 

@@ -194,7 +194,8 @@ def main(argv=None, log=print):
     try:  # fail before training, not after
         import matplotlib  # noqa: F401
     except ImportError:
-        sys.exit(f'{Path(__file__).name} needs matplotlib, not installed: pip install -e ".[examples]" in a checkout of product-key-memory (tqdm, matplotlib)')
+        sys.exit(f'{Path(__file__).name} needs matplotlib, not installed: '
+                 'pip install -e ".[examples]" in a checkout of product-key-memory (tqdm, matplotlib)')
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

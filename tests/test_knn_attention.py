@@ -239,7 +239,8 @@ def test_knn_model_on_cuda_equals_cpu_and_syncs_no_host():
     """A document of three segments with a start token, memories on the GPU: the same logits and memories."""
     cpu_model = knn_lm(clear_memories_on_sos_token_id=1).eval()
     gpu_model = knn_lm(clear_memories_on_sos_token_id=1).eval().cuda()
-    cpu_mem, gpu_mem = cpu_model.create_knn_memories(2, max_memories=64), gpu_model.create_knn_memories(2, max_memories=64)
+    cpu_mem = cpu_model.create_knn_memories(2, max_memories=64)
+    gpu_mem = gpu_model.create_knn_memories(2, max_memories=64)
     assert gpu_mem[0].device.type == "cuda"
     segments = torch.randint(2, 16, (3, 2, 8))
     segments[2, 1, 4] = 1

@@ -299,7 +299,9 @@ def value_read_backward(
         indices.numel(), values.shape[0], values.shape[1], values.dtype, torch.get_num_threads()
     ) == "embedding_bag":
         return value_read_backward_bag(grad_out, values, indices, weights, trainable, need_weights_grad)
-    return value_read_backward_sorted(grad_out, values, indices, weights, trainable, need_values_grad, need_weights_grad)
+    return value_read_backward_sorted(
+        grad_out, values, indices, weights, trainable, need_values_grad, need_weights_grad
+    )
 
 
 def value_read_backward_sorted(
