@@ -230,6 +230,12 @@ def _weight_grad(grad_out: Tensor, values: Tensor, m: int, slots: Tensor, order:
     return torch.empty_like(g).index_copy_(0, order, g)
 
 
+def _sorted_weight_grad(grad_out: Tensor, values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """:func:`_weight_grad` for ``indices`` in any order, shaped and typed as ``weights``."""
+    slots, order = indices.long().reshape(-1).sort()
+    return _weight_grad(grad_out, values, indices.shape[-1], slots, order).view_as(weights).to(weights.dtype)
+
+
 def _touched_reads(
     slots: Tensor, order: Tensor, weights: Optional[Tensor], trainable: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -291,9 +297,9 @@ def value_read_backward(
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """``(grad_values, grad_weights)``, dense; ``None`` for a gradient not asked for.
 
-    The route is chosen by size (:func:`~product_key_memory._routes.choose_read_backward`): the
-    slot-sorted walk below, or, for a table that sits in the cache read by few bags,
-    :func:`value_read_backward_bag` (``F.embedding_bag``'s own backward, faster there).
+    The route is chosen by size (:func:`~product_key_memory._routes.choose_read_backward`):
+    :func:`value_read_backward_sorted`, or :func:`value_read_backward_bag` (each read added straight
+    into the zeroed gradient) for a small table on one thread and for wide rows read 1-8 times each.
     """
     if need_values_grad and indices.numel() > 0 and choose_read_backward(
         indices.numel(), values.shape[0], values.shape[1], values.dtype, torch.get_num_threads()
@@ -312,9 +318,7 @@ def value_read_backward_sorted(
     if not need_values_grad:
         if not need_weights_grad or weights is None:
             return None, None
-        slots, order = indices.long().reshape(-1).sort()
-        gw = _weight_grad(grad_out.to(values.dtype), values, indices.shape[-1], slots, order)
-        return None, gw.view_as(weights).to(weights.dtype)
+        return None, _sorted_weight_grad(grad_out.to(values.dtype), values, indices, weights)
     rows_idx, rows, grad_weights = value_read_backward_rows(
         grad_out, values, indices, weights, trainable, need_weights_grad
     )
@@ -344,6 +348,5 @@ def value_read_backward_bag(
         grad_values = grad_values.masked_fill_(~trainable.unsqueeze(-1), 0.0)
     grad_weights = None
     if need_weights_grad and weights is not None:
-        slots, order = flat.sort()
-        grad_weights = _weight_grad(g, values, m, slots, order).view_as(weights).to(weights.dtype)
+        grad_weights = _sorted_weight_grad(g, values, indices, weights)
     return grad_values, grad_weights
