@@ -215,6 +215,9 @@ class QuantizedValues(ValueTable):
             if self.format in _HALF:
                 psw = None if w is None else w.to(self.weight.dtype)
                 out = F.embedding_bag(idx, self.weight, mode="sum", per_sample_weights=psw)
+            elif self.format == "int4" and torch.compiler.is_compiling():
+                # the fbgemm 4-bit kernel has no fake (meta) function, so traced code reads in plain torch
+                return self.reference_read(idx, w).to(self.out_dtype)
             else:
                 op = (
                     torch.ops.quantized.embedding_bag_byte_rowwise_offsets
