@@ -19,6 +19,7 @@ index wins), the rule of every backend.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -80,11 +81,11 @@ def topk_lower_index(x: Tensor, k: int, index: Optional[Tensor] = None) -> Tuple
 
 def _topk_distinct_first(x: Tensor, k: int, index: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     v, pos = x.topk(k + 1, dim=-1)
-    distinct = (v[..., :-1] > v[..., 1:]).all(-1)  # False on a tie, and wherever a NaN is
     values, pos = v[..., :k], pos[..., :k]
     picked = pos if index is None else index.gather(-1, pos)
-    if bool(distinct.all()):
+    if bool((values > v[..., 1:]).all()):  # False on a tie, and wherever a NaN is: one check for every row
         return values, picked
+    distinct = (values > v[..., 1:]).all(-1)
     n = x.shape[-1]
     rows = (~distinct).reshape(-1).nonzero().squeeze(1)
     row_index = None if index is None else index.reshape(-1, n).index_select(0, rows)
@@ -109,7 +110,17 @@ def _topk_keyed(x: Tensor, k: int, index: Optional[Tensor]) -> Tuple[Tensor, Ten
 @functools.lru_cache(maxsize=64)
 def _low_positions(n: int, device: torch.device) -> Tensor:
     # the low word of the key for index = position: three ops a call fewer in every sub-key top-k
-    return _LOW32 - torch.arange(n, device=device)
+    with _normal_tensors():
+        return _LOW32 - torch.arange(n, device=device)
+
+
+def _normal_tensors():
+    """Where a cached tensor is made: outside inference mode, even when the first call is inside it.
+
+    An inference tensor cannot be saved for backward, so a cache filled by a first call under
+    ``torch.inference_mode()`` would fail every later training step that uses it.
+    """
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
 
 
 def candidate_pairs(topk: int, device: Optional[torch.device] = None) -> Tensor:
@@ -131,7 +142,20 @@ def _candidate_pairs(topk: int, device: torch.device) -> Tensor:
     # derived from topk alone, so a cache (not a module buffer) holds it: nothing to rebuild after
     # meta-device construction, to_empty or loading
     pairs = [(a, b) for a in range(topk) for b in range(topk // (a + 1))]
-    return torch.tensor(pairs, dtype=torch.long, device=device).t().contiguous()
+    with _normal_tensors():
+        return torch.tensor(pairs, dtype=torch.long, device=device).t().contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _candidate_pair_rows(topk: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+    # the two rows of candidate_pairs, unbound once rather than at every search
+    with _normal_tensors():
+        return tuple(_candidate_pairs(topk, device).unbind(0))
+
+
+@functools.lru_cache(maxsize=None)
+def _score_dtype(queries: torch.dtype, keys: torch.dtype) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(queries, keys), torch.float32)
 
 
 def half_scores(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
@@ -150,13 +174,13 @@ def half_scores(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tuple[Tens
 def search(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
     """``(N, heads, 2, dim_key)`` queries -> ``scores, slots`` ``(N, heads, topk)``, best first."""
     num_keys = keys.shape[-2]
-    dtype = torch.promote_types(torch.promote_types(queries.dtype, keys.dtype), torch.float32)
-    sub = _both_half_scores(queries, keys, dtype)  # (2, H, N, num_keys)
-    (v1, v2), (i1, i2) = topk_lower_index(sub, topk)  # (2, H, N, topk), best first: one top-k for both halves
-    a, b = candidate_pairs(topk, queries.device)
+    sub = _both_half_scores(queries, keys, _score_dtype(queries.dtype, keys.dtype))  # (2, H, N, num_keys)
+    v, i = topk_lower_index(sub, topk)  # (2, H, N, topk), best first: one top-k for both halves
+    (v1, v2), (i1, i2) = v.unbind(0), i.unbind(0)  # unbind, not iteration: one call each
+    a, b = _candidate_pair_rows(topk, queries.device)
     # indexing, not index_select, on these strided halves: 1.6x faster at 8192 rows (the same gather)
-    cand = v1[..., a] + v2[..., b]  # (H, N, P)
-    cand_slots = i1[..., a] * num_keys + i2[..., b]
+    cand = v1[..., a].add_(v2[..., b])  # (H, N, P)
+    cand_slots = i1[..., a].mul_(num_keys).add_(i2[..., b])
     scores, slots = topk_lower_index(cand, topk, cand_slots)
     return scores.transpose(0, 1).contiguous(), slots.transpose(0, 1).contiguous()  # (N, H, topk), as the op promises
 
@@ -164,12 +188,15 @@ def search(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
 def _both_half_scores(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tensor:
     """:func:`half_scores` written into one ``(2, heads, N, num_keys)`` buffer (no autograd), so a
     single top-k selects both halves; the same GEMMs, so the same numbers."""
-    q, k = queries.to(dtype), keys.to(dtype)
+    q = queries if queries.dtype == dtype else queries.to(dtype)
+    k = keys if keys.dtype == dtype else keys.to(dtype)
     heads, n, num_keys = k.shape[0], q.shape[0], k.shape[-2]
     out = torch.empty(2, heads, n, num_keys, dtype=dtype, device=q.device)
+    # views (half, head, ...) of both, taken once: each half below is then one select
+    q, k = q.permute(2, 1, 0, 3).unbind(0), k.permute(1, 0, 3, 2).unbind(0)  # (H, N, d), (H, d, num_keys) each
     # a call with out= is never autocast (the AMP rules), so no autocast block is needed to keep float32
-    for p in (0, 1):
-        torch.bmm(q[:, :, p].transpose(0, 1), k[:, p].transpose(1, 2), out=out[p])
+    for qp, kp, op in zip(q, k, out.unbind(0)):
+        torch.bmm(qp, kp, out=op)
     return out
 
 
@@ -264,10 +291,29 @@ def _rows_from_bags(g: Tensor, counts: Tensor, bag_of_read: Tensor, psw: Tensor)
 
 
 def value_read(values: Tensor, indices: Tensor, weights: Optional[Tensor]) -> Tensor:
-    """``out[b] = sum_j weights[b, j] * values[indices[b, j]]``: one ``embedding_bag``."""
+    """``out[b] = sum_j weights[b, j] * values[indices[b, j]]``: one ``embedding_bag``.
+
+    ``F.embedding_bag`` without its Python wrapper (what it does for 2-D ``indices``, with
+    the bag offsets of CPU reads cached): at a decoding step the wrapper took longer than the read.
+    """
     if weights is not None:
-        weights = weights.to(values.dtype)
-    return F.embedding_bag(indices, values, mode="sum", per_sample_weights=weights)
+        weights = (weights if weights.dtype == values.dtype else weights.to(values.dtype)).reshape(-1)
+    bags, m = indices.shape
+    if indices.device.type == "cpu" and bags <= _MAX_CACHED_BAGS:
+        offsets = _bag_offsets(bags, m, indices.dtype)
+    else:
+        offsets = torch.arange(0, bags * m, m, dtype=indices.dtype, device=indices.device)
+    return torch.embedding_bag(values, indices.reshape(-1), offsets, False, 0, False, weights, False, None)[0]
+
+
+_MAX_CACHED_BAGS = 1 << 16
+
+
+@functools.lru_cache(maxsize=64)
+def _bag_offsets(bags: int, m: int, dtype: torch.dtype) -> Tensor:
+    # read, never written, by embedding_bag (and not by its backward, which this library replaces)
+    with _normal_tensors():
+        return torch.arange(0, bags * m, m, dtype=dtype)
 
 
 def value_read_backward_rows(
