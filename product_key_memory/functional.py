@@ -255,6 +255,8 @@ def value_read(
     _check_read_args(values, indices, weights, trainable)
     if _exporting():
         return value_read_reference(values, indices, weights, trainable=trainable)
+    if indices.dim() == 2:  # (bags, m) already, as a memory layer reads
+        return ops.value_read(values, indices, weights, trainable, sparse)
     lead, m = indices.shape[:-1], indices.shape[-1]
     flat_w = None if weights is None else weights.reshape(-1, m)
     out = ops.value_read(values, indices.reshape(-1, m), flat_w, trainable, sparse)
@@ -291,7 +293,7 @@ def rescore(
         raise ValueError(f"activation must be one of {SCORE_ACTIVATIONS}, got {activation!r}")
     if subtract is not None and subtract not in SCORE_SUBTRACTS:
         raise ValueError(f"subtract must be None or one of {SCORE_SUBTRACTS}, got {subtract!r}")
-    s = scores.to(_score_dtype(scores.dtype))
+    s = scores if scores.dtype in (torch.float32, torch.float64) else scores.to(torch.float32)
     if temperature != 1.0:
         s = s / temperature
     if activation == "softmax":

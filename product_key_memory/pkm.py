@@ -10,12 +10,15 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module
 
 from ._checks import check_bool, check_choice, check_positive_int
 from .keys import ProductKeys
 from .output import MemoryOutput
 from . import functional as PF, ops
+from .norms import QueryLayerNorm
 from .query import QUERY_NORMS, IdentityNorm, QueryNetwork
 from .scoring import Scoring
 from .tables import VALUE_INITS, EmbeddingValues, ValueTable
@@ -445,18 +448,37 @@ def _live(module: nn.Module) -> bool:
 
 
 def _lean_queries(qn: QueryNetwork, x: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """``QueryNetwork.forward`` without its identity pieces: ``(N, dim)`` -> ``(N, heads, 2, dim_head)``."""
+    """``QueryNetwork.forward`` without its identity pieces: ``(N, dim)`` -> ``(N, heads, 2, dim_head)``.
+
+    The projection and a LayerNorm query norm run as their functions when they are exactly
+    ``nn.Linear`` and :class:`QueryLayerNorm` with no hooks (what their modules would run).
+    """
     for piece in (qn.pre_layernorm, qn.input_dropout):
         if _live(piece):
             x = piece(x)
     if qn.query_hidden is not None:
         x = qn.query_hidden(x, mask)
-    q = qn.to_queries(x).unflatten(-1, (2, qn.heads, qn.dim_head))  # (N, 2, H, d)
-    if type(qn.norm) is not IdentityNorm:
-        q = qn.norm(q, mask)
+    lin, norm = qn.to_queries, qn.norm
+    if type(lin) is nn.Linear and not _hooked(lin):
+        q = F.linear(x, lin.weight, lin.bias).view(-1, 2, qn.heads, qn.dim_head)  # (N, 2, H, d)
+    else:
+        q = lin(x).unflatten(-1, (2, qn.heads, qn.dim_head))
+    if type(norm) is QueryLayerNorm and not _hooked(norm):
+        q = F.layer_norm(q, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    elif type(norm) is not IdentityNorm:
+        q = norm(q, mask)
     if _live(qn.query_dropout):
         q = qn.query_dropout(q)
     return q.transpose(1, 2)  # (N, H, 2, d)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own or global ones) besides its forward."""
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        or module._backward_pre_hooks or _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
+        or _nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks
+    )
 
 
 def _check_mask(name: str, mask, shape: tuple, shape_name: str, device: torch.device) -> None:
