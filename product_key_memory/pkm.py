@@ -347,42 +347,62 @@ class PKM(nn.Module):
         """:meth:`forward` in eval mode when no gradient is wanted: the same stages and kernels
         (so the same slots and outputs), less what only training or autograd needs: identity
         modules (eval dropouts, ``nn.Identity``), the parts' module calls and the custom ops'
-        dispatch. A part of another type (a subclass) is called as a module, as usual; the
-        value table always is, so its forward hooks see every read."""
+        dispatch. On the torch backend the search runs from the projection's and the keys'
+        own layouts (:func:`ops.cpu.search_heads_first`). The projection, a LayerNorm query
+        norm and the default table run as their functions when they are exactly ``nn.Linear``,
+        :class:`QueryLayerNorm` and :class:`EmbeddingValues` with no hooks; any other piece,
+        or one with a hook, is called as a module, so its hooks see every call."""
         x = x.reshape(-1, self.dim)  # (N, dim)
         mask = None
         if input_mask is not None:
             mask = input_mask.reshape(-1)
             x = torch.where(mask.unsqueeze(-1), x, 0.0)
-        q = _lean_queries(self.query, x, mask) if type(self.query) is QueryNetwork else self.query(x, mask)
-        pk = self.product_keys
-        if type(pk) is ProductKeys and not pk.differentiable_topk:
-            keys = self.keys.transpose(1, 2)  # (H, 2, num_keys, d), a view
-            if pk.qk_norm:
-                q, keys = PF.qk_normalize(q, keys)
-            scores, indices = ops.search_no_grad(q, keys, pk.topk)  # (N, heads, topk)
+        parts, keys = self._modules, self._parameters["keys"]  # dicts, not a Module.__getattr__ each
+        qn, pk, sc, values, o = self.query, parts["product_keys"], parts["scoring"], parts["values"], self.output
+        if type(qn) is QueryNetwork:
+            q = _lean_queries(qn, x, mask)  # (N, 2, H, d)
         else:
-            scores, indices = pk(q, self.keys)
-        sc = self.scoring
+            q = qn(x, mask).transpose(1, 2)
+        heads_first = False  # whether scores and slots below are (H, N, topk) rather than (N, H, topk)
+        if type(pk) is ProductKeys and not pk.differentiable_topk:
+            if not pk.qk_norm and x.shape[0] > 0 and ops.backend_for(x.device) == "torch":
+                # the search straight from the projection's and the parameter's layouts: no views
+                # to the op's layouts and back, which cost more than the search at a decoding step
+                scores, indices = ops.cpu.search_heads_first(q, keys, pk.topk)
+                heads_first = True
+            else:
+                q, keys = q.transpose(1, 2), keys.transpose(1, 2)  # (N, H, 2, d), (H, 2, K, d)
+                if pk.qk_norm:
+                    q, keys = PF.qk_normalize(q, keys)
+                scores, indices = ops.search_no_grad(q, keys, pk.topk)  # (N, heads, topk)
+        else:
+            scores, indices = pk(q.transpose(1, 2), keys)
         if type(sc) is Scoring:
             weights = PF.rescore(
                 scores, temperature=sc.temperature, activation=sc.activation, subtract=sc.subtract,
                 normalize=sc.normalize,
             )
-            weights = sc.attn_dropout(weights) if sc.attn_dropout.training else weights
+            dropout = sc._modules["attn_dropout"]
+            weights = dropout(weights) if dropout.training else weights
         else:
             weights = sc(scores)
+        if heads_first:
+            indices, weights = indices.transpose(0, 1), weights.transpose(0, 1)  # (N, H, topk) views
         if mask is not None:
             weights = torch.where(mask.view(-1, 1, 1), weights, 0.0)
-        o = self.output
-        if not o.concat_heads:
-            indices, weights = indices.flatten(-2), weights.flatten(-2)  # (N, heads * topk)
-        read = self.values(indices, weights, trainable=mem_trainable_mask)
+        if not o.concat_heads:  # (N, heads * topk): a copy from the heads-first layout, a view otherwise
+            indices, weights = indices.reshape(x.shape[0], -1), weights.reshape(x.shape[0], -1)
+        if heads_first and type(values) is EmbeddingValues and not _hooked(values) and indices.dim() == 2:
+            # what the module call would run on the torch backend, less its four Python layers
+            read = ops.cpu.value_read(values._parameters["weight"], indices, weights)
+        else:
+            read = values(indices, weights, trainable=mem_trainable_mask)
         if type(o) is MemoryOutput:
-            out = o.project(read)  # (N, dim)
-            for piece in (o.value_dropout, o.output_norm):
-                if _live(piece):
-                    out = piece(out)
+            pieces = o._modules
+            out = read if pieces["combine"] is None and pieces["value_proj"] is None else o.project(read)  # (N, dim)
+            for name in ("value_dropout", "output_norm"):
+                if _live(pieces[name]):
+                    out = pieces[name](out)
         else:
             out = o(read)
         if mask is not None:
@@ -448,28 +468,32 @@ def _live(module: nn.Module) -> bool:
 
 
 def _lean_queries(qn: QueryNetwork, x: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """``QueryNetwork.forward`` without its identity pieces: ``(N, dim)`` -> ``(N, heads, 2, dim_head)``.
+    """``QueryNetwork.forward`` without its identity pieces, and before its last transpose:
+    ``(N, dim)`` -> ``(N, 2, heads, dim_head)``.
 
     The projection and a LayerNorm query norm run as their functions when they are exactly
     ``nn.Linear`` and :class:`QueryLayerNorm` with no hooks (what their modules would run).
     """
-    for piece in (qn.pre_layernorm, qn.input_dropout):
-        if _live(piece):
-            x = piece(x)
-    if qn.query_hidden is not None:
-        x = qn.query_hidden(x, mask)
-    lin, norm = qn.to_queries, qn.norm
+    pieces = qn._modules  # one dict, not a Module.__getattr__ per piece (a decoding step is that short)
+    for name in ("pre_layernorm", "input_dropout"):
+        if _live(pieces[name]):
+            x = pieces[name](x)
+    hidden, lin, norm = pieces["query_hidden"], pieces["to_queries"], pieces["norm"]
+    if hidden is not None:
+        x = hidden(x, mask)
     if type(lin) is nn.Linear and not _hooked(lin):
-        q = F.linear(x, lin.weight, lin.bias).view(-1, 2, qn.heads, qn.dim_head)  # (N, 2, H, d)
+        w = lin._parameters
+        q = F.linear(x, w["weight"], w["bias"]).view(-1, 2, qn.heads, qn.dim_head)  # (N, 2, H, d)
     else:
         q = lin(x).unflatten(-1, (2, qn.heads, qn.dim_head))
     if type(norm) is QueryLayerNorm and not _hooked(norm):
-        q = F.layer_norm(q, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        w = norm._parameters
+        q = F.layer_norm(q, norm.normalized_shape, w["weight"], w["bias"], norm.eps)
     elif type(norm) is not IdentityNorm:
         q = norm(q, mask)
-    if _live(qn.query_dropout):
-        q = qn.query_dropout(q)
-    return q.transpose(1, 2)  # (N, H, 2, d)
+    if _live(pieces["query_dropout"]):
+        q = pieces["query_dropout"](q)
+    return q
 
 
 def _hooked(module: nn.Module) -> bool:

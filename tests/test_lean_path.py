@@ -57,13 +57,14 @@ def test_lean_equals_normal(name):
         torch.testing.assert_close(lean, normal, rtol=0, atol=1e-6, msg=f"{name} {list(kwargs)}")
 
 
-def test_lean_equals_normal_with_ties():
+@pytest.mark.parametrize("tokens", [(4, 6), (1, 1), (3, 5)])  # heads * tokens past and within the search's few-row branch
+def test_lean_equals_normal_with_ties(tokens):
     # integer keys and queries: many equal sub-key scores and slot scores
     pkm = make({}, query_norm="none")
     with torch.no_grad():
         pkm.keys.copy_(torch.randint(-1, 2, pkm.keys.shape).float())
         pkm.to_queries.weight.copy_(torch.randint(-1, 2, pkm.to_queries.weight.shape).float())
-    x = torch.randint(-1, 2, (4, 6, SMALL["dim"])).float()
+    x = torch.randint(-1, 2, (*tokens, SMALL["dim"])).float()
     lean, normal = both_paths(pkm, x)
     assert torch.equal(lean, normal)
     with torch.no_grad():
@@ -153,3 +154,29 @@ def test_training_after_a_first_call_in_inference_mode(path):
             pkm.eval()(x)
         pkm.train()(x).sum().backward()
     assert pkm.keys.grad is not None and pkm.values.weight.grad is not None
+
+
+@pytest.mark.parametrize("piece", ["to_queries", "norm", "values"])
+def test_lean_path_runs_the_hooks_of_its_pieces(piece):
+    # the lean path calls the projection, the LayerNorm and the table as functions only when
+    # nothing would see the difference: a hook on any of them is still run, and what it returns used
+    pkm = make({})
+    x = torch.randn(2, 3, SMALL["dim"])
+    with torch.no_grad():
+        before = pkm(x)
+    calls = []
+
+    def roll(module, args, out):  # a change no later piece undoes (a LayerNorm would undo a scale)
+        calls.append(type(module).__name__)
+        return out.roll(1, -1)
+
+    handle = getattr(pkm, piece).register_forward_hook(roll)
+    try:
+        lean, normal = both_paths(pkm, x)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # the lean call and the normal one
+    torch.testing.assert_close(lean, normal, rtol=0, atol=1e-6)
+    assert not torch.allclose(lean, before)
+    with torch.no_grad():
+        torch.testing.assert_close(pkm(x), before, rtol=0, atol=0)  # hook gone: the plain result again
