@@ -390,12 +390,14 @@ class PKM(nn.Module):
             indices, weights = indices.transpose(0, 1), weights.transpose(0, 1)  # (N, H, topk) views
         if mask is not None:
             weights = torch.where(mask.view(-1, 1, 1), weights, 0.0)
-        if not o.concat_heads:  # (N, heads * topk): a copy from the heads-first layout, a view otherwise
-            indices, weights = indices.reshape(x.shape[0], -1), weights.reshape(x.shape[0], -1)
-        if heads_first and type(values) is EmbeddingValues and not _hooked(values) and indices.dim() == 2:
-            # what the module call would run on the torch backend, less its four Python layers
-            read = ops.cpu.value_read(values._parameters["weight"], indices, weights)
+        n = x.shape[0]
+        if heads_first and not o.concat_heads and type(values) is EmbeddingValues and not _hooked(values):
+            # what the module call would run on the torch backend, less its four Python layers; a
+            # token's bag is its heads' slots, flattened straight from (N, H, topk) (one copy each)
+            read = ops.cpu.value_read_flat(values._parameters["weight"], indices.reshape(-1), weights.reshape(-1), n)
         else:
+            if not o.concat_heads:  # (N, heads * topk): a copy from the heads-first layout, a view otherwise
+                indices, weights = indices.reshape(n, -1), weights.reshape(n, -1)
             read = values(indices, weights, trainable=mem_trainable_mask)
         if type(o) is MemoryOutput:
             pieces = o._modules
