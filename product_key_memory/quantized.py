@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .ops import cpu as cpu_ops
 from .tables import ValueTable
 
 __all__ = ["QuantizedValues", "quantize_values_", "quantize_rows", "dequantize_rows", "QUANTIZED_FORMATS"]
@@ -212,9 +213,11 @@ class QuantizedValues(ValueTable):
         if w is not None and w.dtype == torch.float64:  # gradcheck: the plain read in float64
             return self.reference_read(idx, w)
         if idx.device.type == "cpu":
-            if self.format in _HALF:
+            if self.format in _HALF and torch.compiler.is_compiling():
                 psw = None if w is None else w.to(self.weight.dtype)
                 out = F.embedding_bag(idx, self.weight, mode="sum", per_sample_weights=psw)
+            elif self.format in _HALF:
+                out = cpu_ops.value_read(self.weight, idx, w)  # F.embedding_bag without its Python wrapper
             elif self.format == "int4" and torch.compiler.is_compiling():
                 # the fbgemm 4-bit kernel has no fake (meta) function, so traced code reads in plain torch
                 return self.reference_read(idx, w).to(self.out_dtype)
@@ -224,7 +227,8 @@ class QuantizedValues(ValueTable):
                     if self.format == "int8"
                     else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets
                 )
-                psw = None if w is None else w.float()  # the kernels take float32 weights only
+                psw = None if w is None or w.dtype == torch.float32 else w.float()  # the kernels take float32 only
+                psw = w if psw is None else psw
                 if torch.compiler.is_compiling() and self.format == "int8":
                     # the int8 kernel's meta function (what tracing runs) takes flat indices and offsets only
                     bags, m = idx.shape
@@ -233,7 +237,7 @@ class QuantizedValues(ValueTable):
                     out = op(self.packed, idx.reshape(-1), offsets, False, 0, False, psw)
                 else:
                     out = op(self.packed, idx, None, False, 0, False, psw)
-            return out.to(self.out_dtype)
+            return out if out.dtype == self.out_dtype else out.to(self.out_dtype)
         return self.reference_read(idx, w)
 
     def reference_read(self, idx: Tensor, w: Optional[Tensor]) -> Tensor:
