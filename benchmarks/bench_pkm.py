@@ -269,10 +269,13 @@ def sweep_points():
     return unique
 
 
+SWEEP_WARMUP = 3
+
+
 def run_sweep(args) -> dict:
     results = dict(meta=dict(torch=torch.__version__, cpu_count=os.cpu_count(), loadavg_start=os.getloadavg(),
-                             time_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), repeats=args.repeats),
-                   rows=[])
+                             time_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), repeats=args.repeats,
+                             warmup=SWEEP_WARMUP), rows=[])
     for point in args.sweep_points:
         tokens = point["tokens"]
         layer = {k: v for k, v in point.items() if k not in ("tokens", "num_keys")}
@@ -286,7 +289,11 @@ def run_sweep(args) -> dict:
                     f_ours, f_peer = forward_fns(ours, theirs, x)
                 else:
                     f_ours, f_peer = fwd_bwd_fns(ours, theirs, x, sparse=False)
-                r = bench_alternating({"ours": f_ours, "peer": f_peer}, args.repeats, warmup=1, inner=inner)
+                # 3 warm-up calls each: the first fwd+bwd calls fault in fresh memory and the allocator
+                # settles over several calls (this library's backward allocates more distinct buffers,
+                # so its first calls ran up to 1.5x slower than its steady state; 0.3.0's less)
+                r = bench_alternating({"ours": f_ours, "peer": f_peer}, args.repeats, warmup=SWEEP_WARMUP,
+                                      inner=inner)
                 ours.zero_grad(set_to_none=True), theirs.zero_grad(set_to_none=True)
                 row = dict(config=point, threads=threads, phase=phase, ours=r["ours"], peer=r["peer"],
                            ratio=r["peer"]["median_ms"] / r["ours"]["median_ms"],

@@ -161,6 +161,17 @@ def test_value_read_without_grad_is_embedding_bag():
     assert torch.equal(PF.value_read(values, idx, w), F.embedding_bag(idx, values, mode="sum", per_sample_weights=w))
 
 
+@pytest.mark.parametrize("bags, m", [(6, 3), (1, 128), (3, 0), (0, 5)])
+def test_value_read_without_grad_matches_reference_at_edge_sizes(bags, m):
+    # the wrapper-free embedding_bag with cached offsets: empty bags sum to zero, no bags give no rows
+    values, idx, w = torch.randn(20, 4), torch.randint(0, 20, (bags, m)), torch.randn(bags, m)
+    for weights in (w, None):
+        got = PF.value_read(values, idx, weights)
+        assert got.shape == (bags, 4)
+        assert_close(got, PF.value_read_reference(values, idx, weights), rtol=1e-6, atol=1e-6)
+        assert_close(PF.value_read(values, idx, weights), got, rtol=0, atol=0)  # the cached offsets again
+
+
 def test_reference_path_is_scoped_and_restored():
     assert PF.fast_path_enabled()
     with PF.reference_path():
