@@ -1,5 +1,8 @@
 """Fast paths (product_key_memory.ops, chosen by functional) against the references, side by side."""
 
+import os
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -305,3 +308,41 @@ def test_empty_hugepage_is_an_ordinary_tensor():
     assert t.shape == (4096, 1024) and t.dtype == torch.float32 and t.is_contiguous()
     t.fill_(2.0)
     assert float(t.sum()) == 2.0 * t.numel()
+
+
+@pytest.mark.parametrize("shape, dtype", [((3, 5), torch.float32), ((4096, 1024), torch.float32), ((8192, 1024), torch.bfloat16)])
+def test_zeros_hugepage_is_zeros(shape, dtype):
+    # small: torch.zeros; 16 MiB and up (on Linux): fresh anonymous pages, zero without a pass over them
+    t = ops.cpu.zeros_hugepage(*shape, dtype=dtype, device=torch.device("cpu"))
+    assert t.shape == shape and t.dtype == dtype and t.is_contiguous()
+    assert torch.equal(t, torch.zeros(shape, dtype=dtype))
+    t[1].fill_(3.0)  # writable, and only where written
+    assert float(t.float().sum()) == 3.0 * shape[1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_zeros_hugepage_memory_is_returned_when_freed():
+    def rss_mib():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    before = rss_mib()
+    for _ in range(12):  # 12 x 64 MiB, every page touched: kept mappings would add 768 MiB
+        t = ops.cpu.zeros_hugepage(16384, 1024, dtype=torch.float32, device=torch.device("cpu"))
+        t.fill_(1.0)
+        view = t[::2]
+        del t, view
+    assert rss_mib() - before < 256
+
+
+def test_dense_backward_of_a_large_table_matches_reference():
+    # a table past the fresh-pages threshold (16 MiB), on the slot-sorted route
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(16384, 256, generator=g, requires_grad=True)
+    idx = torch.randint(0, 16384, (300, 8), generator=g)
+    w = torch.rand(300, 8, generator=g, requires_grad=True)
+    up = torch.randn(300, 256, generator=g)
+    got_v, got_w = ops.cpu.value_read_backward_sorted(up, values.detach(), idx, w.detach(), None, True, True)
+    want_v, want_w = torch.autograd.grad(PF.value_read_reference(values, idx, w), (values, w), up)
+    assert_close(got_v, want_v, rtol=1e-5, atol=1e-5)
+    assert_close(got_w, want_w, rtol=1e-5, atol=1e-5)
