@@ -310,9 +310,11 @@ def test_empty_hugepage_is_an_ordinary_tensor():
     assert float(t.sum()) == 2.0 * t.numel()
 
 
-@pytest.mark.parametrize("shape, dtype", [((3, 5), torch.float32), ((4096, 1024), torch.float32), ((8192, 1024), torch.bfloat16)])
+@pytest.mark.parametrize(
+    "shape, dtype", [((3, 5), torch.float32), ((4096, 1024), torch.float32), ((20480, 1024), torch.bfloat16)]
+)
 def test_zeros_hugepage_is_zeros(shape, dtype):
-    # small: torch.zeros; 16 MiB and up (on Linux): fresh anonymous pages, zero without a pass over them
+    # up to 32 MiB: zeroed in place; over it (on Linux): fresh anonymous pages, zero without a pass over them
     t = ops.cpu.zeros_hugepage(*shape, dtype=dtype, device=torch.device("cpu"))
     assert t.shape == shape and t.dtype == dtype and t.is_contiguous()
     assert torch.equal(t, torch.zeros(shape, dtype=dtype))
@@ -336,10 +338,10 @@ def test_zeros_hugepage_memory_is_returned_when_freed():
 
 
 def test_dense_backward_of_a_large_table_matches_reference():
-    # a table past the fresh-pages threshold (16 MiB), on the slot-sorted route
+    # a table past the fresh-pages threshold (40 MiB > 32 MiB), on the slot-sorted route
     g = torch.Generator().manual_seed(3)
-    values = torch.randn(16384, 256, generator=g, requires_grad=True)
-    idx = torch.randint(0, 16384, (300, 8), generator=g)
+    values = torch.randn(40960, 256, generator=g, requires_grad=True)
+    idx = torch.randint(0, 40960, (300, 8), generator=g)
     w = torch.rand(300, 8, generator=g, requires_grad=True)
     up = torch.randn(300, 256, generator=g)
     got_v, got_w = ops.cpu.value_read_backward_sorted(up, values.detach(), idx, w.detach(), None, True, True)
