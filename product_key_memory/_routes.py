@@ -60,7 +60,7 @@ def choose_read_backward(num_reads: int, num_slots: int, dim: int, dtype: torch.
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     table_bytes = num_slots * dim * itemsize
     read_bytes = num_reads * dim * itemsize
     if threads == 1 and table_bytes <= _SMALL_TABLE_BYTES and read_bytes <= _FEW_READ_BYTES:

@@ -357,6 +357,7 @@ class PKM(nn.Module):
         if input_mask is not None:
             mask = input_mask.reshape(-1)
             x = torch.where(mask.unsqueeze(-1), x, 0.0)
+        n = x.shape[0]
         parts, keys = self._modules, self._parameters["keys"]  # dicts, not a Module.__getattr__ each
         qn, pk, sc, values, o = self.query, parts["product_keys"], parts["scoring"], parts["values"], self.output
         if type(qn) is QueryNetwork:
@@ -365,7 +366,7 @@ class PKM(nn.Module):
             q = qn(x, mask).transpose(1, 2)
         heads_first = False  # whether scores and slots below are (H, N, topk) rather than (N, H, topk)
         if type(pk) is ProductKeys and not pk.differentiable_topk:
-            if not pk.qk_norm and x.shape[0] > 0 and ops.backend_for(x.device) == "torch":
+            if not pk.qk_norm and n > 0 and ops.backend_for(x.device) == "torch":
                 # the search straight from the projection's and the parameter's layouts: no views
                 # to the op's layouts and back, which cost more than the search at a decoding step
                 scores, indices = ops.cpu.search_heads_first(q, keys, pk.topk)
@@ -390,7 +391,6 @@ class PKM(nn.Module):
             indices, weights = indices.transpose(0, 1), weights.transpose(0, 1)  # (N, H, topk) views
         if mask is not None:
             weights = torch.where(mask.view(-1, 1, 1), weights, 0.0)
-        n = x.shape[0]
         if heads_first and not o.concat_heads and type(values) is EmbeddingValues and not _hooked(values):
             # what the module call would run on the torch backend, less its four Python layers; a
             # token's bag is its heads' slots, flattened straight from (N, H, topk) (one copy each)

@@ -213,10 +213,7 @@ class QuantizedValues(ValueTable):
         if w is not None and w.dtype == torch.float64:  # gradcheck: the plain read in float64
             return self.reference_read(idx, w)
         if idx.device.type == "cpu":
-            if self.format in _HALF and torch.compiler.is_compiling():
-                psw = None if w is None else w.to(self.weight.dtype)
-                out = F.embedding_bag(idx, self.weight, mode="sum", per_sample_weights=psw)
-            elif self.format in _HALF:
+            if self.format in _HALF:
                 out = cpu_ops.value_read(self.weight, idx, w)  # F.embedding_bag without its Python wrapper
             elif self.format == "int4" and torch.compiler.is_compiling():
                 # the fbgemm 4-bit kernel has no fake (meta) function, so traced code reads in plain torch
@@ -227,8 +224,7 @@ class QuantizedValues(ValueTable):
                     if self.format == "int8"
                     else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets
                 )
-                psw = None if w is None or w.dtype == torch.float32 else w.float()  # the kernels take float32 only
-                psw = w if psw is None else psw
+                psw = w if w is None or w.dtype == torch.float32 else w.float()  # the kernels take float32 only
                 if torch.compiler.is_compiling() and self.format == "int8":
                     # the int8 kernel's meta function (what tracing runs) takes flat indices and offsets only
                     bags, m = idx.shape

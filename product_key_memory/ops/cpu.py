@@ -76,16 +76,17 @@ def topk_lower_index(x: Tensor, k: int, index: Optional[Tensor] = None) -> Tuple
     one answer whatever the tie rule, so a plain ``topk`` gives it (1.6x faster on 256 scores,
     5x fewer ops); only the rows with a tie (or a NaN) near the top take the keyed top-k.
     """
-    if _plain_topk_may_do(x, k):
-        return _topk_distinct_first(x, k, index)
-    return _topk_keyed(x, k, index)
+    return _topk_tie_ruled(x, k, index)
 
 
-def _plain_topk_may_do(x: Tensor, k: int) -> bool:
-    return (
+def _topk_tie_ruled(x: Tensor, k: int, index: Optional[Tensor], wide: bool = False) -> Tuple[Tensor, Tensor]:
+    """:func:`topk_lower_index`; ``wide`` as :func:`_topk_distinct_first` (on the plain route only)."""
+    if (
         x.dtype == torch.float32 and x.device.type == "cpu" and k < x.shape[-1] and x.numel() > 0
         and not torch.compiler.is_compiling()
-    )
+    ):
+        return _topk_distinct_first(x, k, index, wide)
+    return _topk_keyed(x, k, index)
 
 
 def _topk_distinct_first(x: Tensor, k: int, index: Optional[Tensor], wide: bool = False) -> Tuple[Tensor, Tensor]:
@@ -162,13 +163,6 @@ def _candidate_pairs(topk: int, device: torch.device) -> Tensor:
         return torch.tensor(pairs, dtype=torch.long, device=device).t().contiguous()
 
 
-@functools.lru_cache(maxsize=64)
-def _candidate_pair_rows(topk: int, device: torch.device) -> Tuple[Tensor, Tensor]:
-    # the two rows of candidate_pairs, unbound once rather than at every search
-    with _normal_tensors():
-        return tuple(_candidate_pairs(topk, device).unbind(0))
-
-
 @functools.lru_cache(maxsize=None)
 def _score_dtype(queries: torch.dtype, keys: torch.dtype) -> torch.dtype:
     return torch.promote_types(torch.promote_types(queries, keys), torch.float32)
@@ -200,27 +194,18 @@ def search_heads_first(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor
     num_keys = keys.shape[1]
     sub = _both_half_scores(queries, keys, _score_dtype(queries.dtype, keys.dtype))  # (2, H, N, num_keys)
     # (2, H, N, topk or topk + 1), best first: one top-k for both halves; only the first topk are read
-    v, i = _topk_distinct_first(sub, topk, None, wide=True) if _plain_topk_may_do(sub, topk) else _topk_keyed(sub, topk, None)
+    v, i = _topk_tie_ruled(sub, topk, None, wide=True)
     heads, n = v.shape[1:3]
+    ab = _candidate_pair_stack(topk, queries.device).expand(2, heads, n, -1)  # (2, H, N, P): half p's positions
     # gather, not indexing or index_select: 2-3x faster from 16 rows up, and no slower on one
     if heads * n <= _FEW_ROWS:  # both halves in one gather each: fewer calls, which is what a decoding step costs
-        ab = _candidate_pair_stack(topk, queries.device).expand(2, heads, n, -1)  # (2, H, N, P)
         cand = v.gather(-1, ab).sum(0)  # (H, N, P): the same sums (x + y, exactly)
         cand_slots = i.gather(-1, ab).mul_(_slot_strides(num_keys, queries.device)).sum(0)
     else:  # the same numbers; faster on many rows than one gather and a reduction over the halves
-        (v1, v2), (i1, i2) = v.unbind(0), i.unbind(0)  # unbind, not iteration: one call each
-        a, b = _candidate_pair_rows(topk, queries.device)
-        a, b = a.expand(heads, n, -1), b.expand(heads, n, -1)  # (H, N, P) views of the pair positions
+        (v1, v2), (i1, i2), (a, b) = v.unbind(0), i.unbind(0), ab.unbind(0)  # unbind, not iteration: one call each
         cand = v1.gather(-1, a).add_(v2.gather(-1, b))  # (H, N, P)
         cand_slots = i1.gather(-1, a).mul_(num_keys).add_(i2.gather(-1, b))
     return topk_lower_index(cand, topk, cand_slots)
-
-
-@functools.lru_cache(maxsize=16)
-def _half_blocks(dtype: torch.dtype, device: torch.device) -> Tensor:
-    # (2, 2, 1): [p, p'] = 1 where p == p', broadcast over d: half p of a query into block p
-    with _normal_tensors():
-        return torch.eye(2, dtype=dtype, device=device).unsqueeze(-1)
 
 
 _FEW_ROWS = 32  # heads * tokens up to which the search builds candidates in one gather per tensor
@@ -242,8 +227,8 @@ def _slot_strides(num_keys: int, device: torch.device) -> Tensor:
 
 def _both_half_scores(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tensor:
     """Both halves' sub-key scores in one ``(2, heads, N, num_keys)`` buffer (no autograd), so a
-    single top-k selects both halves; the GEMMs of :func:`half_scores`, so the same numbers.
-    Queries ``(N, 2, heads, d)``, keys ``(heads, num_keys, 2, d)``."""
+    single top-k selects both halves; the GEMMs of :func:`half_scores` (for one token, one GEMM per
+    head, whose sums come in another order). Queries ``(N, 2, heads, d)``, keys ``(heads, num_keys, 2, d)``."""
     q = queries if queries.dtype == dtype else queries.to(dtype)
     k = keys if keys.dtype == dtype else keys.to(dtype)
     heads, n, num_keys, d = k.shape[0], q.shape[0], k.shape[1], k.shape[-1]
@@ -263,6 +248,13 @@ def _both_half_scores(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tens
     for qp, kp, op in zip(q, k, out.unbind(0)):
         torch.bmm(qp, kp, out=op)
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _half_blocks(dtype: torch.dtype, device: torch.device) -> Tensor:
+    # (2, 2, 1): [p, p'] = 1 where p == p', broadcast over d: half p of a query into block p
+    with _normal_tensors():
+        return torch.eye(2, dtype=dtype, device=device).unsqueeze(-1)
 
 
 # -- large fresh buffers ----------------------------------------------------------------------
@@ -322,7 +314,7 @@ def zeros_hugepage(*shape: int, dtype: torch.dtype, device: torch.device) -> Ten
     numel = 1
     for size in shape:
         numel *= size
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if device.type != "cpu" or not sys.platform.startswith("linux"):
         return torch.zeros(*shape, dtype=dtype, device=device)
     if nbytes <= _GLIBC_MMAP_THRESHOLD_MAX:
@@ -396,7 +388,7 @@ def value_read(values: Tensor, indices: Tensor, weights: Optional[Tensor]) -> Te
     ``F.embedding_bag`` without its Python wrapper (what it does for 2-D ``indices``, with
     the bag offsets of CPU reads cached): at a decoding step the wrapper took longer than the read.
     """
-    bags, m = indices.shape
+    bags = indices.shape[0]
     return value_read_flat(values, indices.reshape(-1), None if weights is None else weights.reshape(-1), bags)
 
 
@@ -407,7 +399,7 @@ def value_read_flat(values: Tensor, indices: Tensor, weights: Optional[Tensor], 
     m = indices.shape[0] // bags if bags else 0
     if m == 0:  # empty bags sum to zero
         return values.new_zeros(bags, values.shape[1])
-    if indices.device.type == "cpu" and bags <= _MAX_CACHED_BAGS:
+    if indices.device.type == "cpu" and bags <= _MAX_CACHED_BAGS and not torch.compiler.is_compiling():
         offsets = _bag_offsets(bags, m, indices.dtype)
     else:
         offsets = torch.arange(0, bags * m, m, dtype=indices.dtype, device=indices.device)
