@@ -1,44 +1,102 @@
 """Product-key memory layers for PyTorch (Lample et al. 2019, arXiv 1907.05242).
 
-The core (the layer, its parts, the ops, the tables, the optimizer helpers) imports
-nothing else of the package; the language model, the XLM converter and the
-integrations load on first use.
+``import product_key_memory`` loads the core: the layers (:mod:`.layers`), their parts
+(:mod:`.parts`), the value tables (:mod:`.tables`), the ops (:mod:`.ops`), the functional core
+and the optimizer helpers (:mod:`.training`). The add-ons (KNN memory, the language model,
+quantized tables, sharding helpers, clipping, usage statistics, the XLM converter) load on
+first use of one of their names. Module paths of earlier versions (``product_key_memory.pkm``,
+``product_key_memory.knn``, ``product_key_memory.transformer``, 0.3.0's
+``product_key_memory.product_key_memory``, ...) still import: each is the module at its new path.
 """
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 
-from . import distributed, functional, ops
-from .clip import clip_grad_norm_
-from .distributed import ShardedValues, shard_values, sharded_parameters
-from .keys import ProductKeys
-from .knn import KNNMemory
-from .knn_attention import KNNAttention
-from .memory_plus import MemoryPlus
-from .norms import MaskedBatchNorm, QueryLayerNorm
+from . import functional, ops
+from .layers import PKM, MemoryPlus, ProductKeyMemory
 from .ops import use_backend
-from .optim import SparseRowAdam, build_optimizer, fetch_optimizer_parameters, fetch_pkm_value_parameters
-from .output import MemoryOutput
-from .pkm import PKM, ProductKeyMemory
-from .pool import ValuePool
-from .quantized import QuantizedValues, quantize_values_
-from .query import QueryNetwork
-from .scoring import Scoring
-from .tables import EmbeddingValues, ValueTable
-from .usage import MemoryUsageTracker, save_usage_plot, usage_statistics
+from .parts import MaskedBatchNorm, MemoryOutput, ProductKeys, QueryLayerNorm, QueryNetwork, Scoring
+from .tables import EmbeddingValues, ShardedValues, ValuePool, ValueTable
+from .training import SparseRowAdam, build_optimizer, fetch_optimizer_parameters, fetch_pkm_value_parameters
 
 __version__ = "0.4.0"
 
-# name -> module, imported on first access (PEP 562)
-_LAZY = {"TransformerLM": ".transformer", "lm_loss": ".transformer", "from_xlm": ".xlm"}
+# public name -> module that defines it, imported on first access (PEP 562)
+_LAZY = {
+    "KNNMemory": ".knn",
+    "KNNAttention": ".knn",
+    "TransformerLM": ".models",
+    "lm_loss": ".models",
+    "QuantizedValues": ".tables.quantized",
+    "quantize_values_": ".tables.quantized",
+    "shard_values": ".training.distributed",
+    "sharded_parameters": ".training.distributed",
+    "clip_grad_norm_": ".training.clip",
+    "MemoryUsageTracker": ".diagnostics",
+    "usage_statistics": ".diagnostics",
+    "save_usage_plot": ".diagnostics",
+    "from_xlm": ".integrations.xlm",
+    "distributed": ".training.distributed",
+}
+
+# module path of an earlier version -> where it lives now
+_MOVED = {
+    "product_key_memory": "_compat030",  # 0.3.0
+    "pkm": "layers.pkm",
+    "memory_plus": "layers.memory_plus",
+    "query": "parts.query",
+    "norms": "parts.norms",
+    "keys": "parts.keys",
+    "scoring": "parts.scoring",
+    "output": "parts.output",
+    "pool": "tables.pool",
+    "quantized": "tables.quantized",
+    "optim": "training.optim",
+    "clip": "training.clip",
+    "distributed": "training.distributed",
+    "knn_attention": "knn.attention",
+    "transformer": "models.transformer",
+    "xlm": "integrations.xlm",
+    "usage": "diagnostics.usage",
+}
 
 
 def __getattr__(name):
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        value = importlib.import_module(_LAZY[name], __name__)
+        if name != "distributed":
+            value = getattr(value, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
+class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports ``product_key_memory.<old path>`` as the module now at its new path (the same object)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        package, _, old = fullname.partition(".")
+        if package != __name__ or old not in _MOVED:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def __init__(self):
+        self._own_specs = {}
+
+    def create_module(self, spec):
+        module = importlib.import_module(f"{__name__}.{_MOVED[spec.name.partition('.')[2]]}")
+        self._own_specs[spec.name] = module.__spec__
+        return module
+
+    def exec_module(self, module):
+        # the import machinery gave the module the alias's spec: give it back its own
+        module.__spec__ = self._own_specs.pop(module.__spec__.name)
+
+
+if not any(isinstance(finder, _Alias) for finder in sys.meta_path):
+    sys.meta_path.append(_Alias())
 
 __all__ = [
     "PKM",

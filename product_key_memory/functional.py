@@ -1,11 +1,13 @@
 """Stateless core of a product-key memory (Lample et al. 2019, arXiv 1907.05242).
 
-Two pieces, each a custom op (``torch.ops.pkm.*``, see :mod:`product_key_memory.ops`)
-with a plain reference beside it:
+Two pieces, each an op of :mod:`product_key_memory.ops` (a custom op ``torch.ops.pkm.*`` with
+a plain reference beside it), called through its entry function:
 
 * the product-key search: queries and sub-keys -> the ``topk`` best slots of a
-  ``num_keys ** 2`` table and their scores;
-* the value read: value table, slot indices and weights -> weighted sum of rows.
+  ``num_keys ** 2`` table and their scores (:func:`product_key_search`);
+* the value read: value table, slot indices and weights -> weighted sum of rows (:func:`value_read`);
+
+and the scoring between them (:func:`rescore`, :func:`qk_normalize`).
 
 Layouts used throughout (``...`` is any number of leading token dims):
 
@@ -17,8 +19,8 @@ Layouts used throughout (``...`` is any number of leading token dims):
 Ties: on equal scores the lower index wins, in every function and on every backend.
 The backend (``reference``, ``torch``, ``triton``) is chosen by device and forced with
 :func:`~product_key_memory.ops.use_backend`; :func:`reference_path` is
-``use_backend("reference")``. ``torch.export`` traces the plain reference code (no
-custom ops in exported graphs, so ONNX and other exporters translate them).
+``use_backend("reference")``. ``torch.export`` traces plain ops (no custom ops in exported
+graphs, so ONNX and other exporters translate them).
 """
 
 from __future__ import annotations
@@ -30,9 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
-from .ops import candidate_pairs, reference as _ref
-from .ops.reference import brute_force_search, score_dtype as _score_dtype_of
+from .ops import backend as _backend
+from .ops.search import candidate_pairs, gumbel_noise_like
+from .ops.search import product_topk as _product_topk
+from .ops.search import reference as _search_ref
+from .ops.search import search as _search
+from .ops.search import subkey_scores as _subkey_scores
+from .ops.search.reference import brute_force_search
+from .ops.value_read import reference as _read_ref
+from .ops.value_read import value_read as _value_read
 
 __all__ = [
     "reference_path",
@@ -45,6 +53,7 @@ __all__ = [
     "brute_force_search",
     "value_read",
     "value_read_reference",
+    "gumbel_noise_like",
     "rescore",
     "qk_normalize",
 ]
@@ -59,20 +68,16 @@ def reference_path(enabled: bool = True) -> Iterator[None]:
     For debugging a suspected fast-path problem: ``with reference_path(): model(x)``.
     Same as ``ops.use_backend("reference")``.
     """
-    with ops.use_backend("reference" if enabled else None):
+    with _backend.use_backend("reference" if enabled else None):
         yield
 
 
 def fast_path_enabled(device: Optional[torch.device] = None) -> bool:
     """``False`` inside :func:`reference_path` (or ``use_backend("reference")``) and while
     ``torch.export`` traces; otherwise the ops run a fast backend."""
-    if _exporting():
+    if torch.compiler.is_exporting():
         return False
-    return ops.backend_for(torch.device("cpu") if device is None else torch.device(device)) != "reference"
-
-
-def _exporting() -> bool:
-    return torch.compiler.is_exporting()
+    return _backend.backend_for(torch.device("cpu") if device is None else torch.device(device)) != "reference"
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -91,18 +96,11 @@ def subkey_scores(queries: Tensor, keys: Tensor) -> Tensor:
         ``(..., heads, 2, num_keys)`` in float32 (or float64 for float64 input),
         computed outside autocast so mixed precision never lowers score precision.
     """
-    dtype = _score_dtype_of(queries, keys)
-    lead, (heads, _, dim_key) = queries.shape[:-3], queries.shape[-3:]
-    s1, s2 = ops.cpu.half_scores(queries.reshape(-1, heads, 2, dim_key), keys, dtype)  # (H, N, num_keys) each
-    return torch.stack((s1, s2), dim=2).transpose(0, 1).reshape(*lead, heads, 2, keys.shape[-2])
+    return _subkey_scores(queries, keys)
 
 
 def product_topk(
-    sub_scores: Tensor,
-    topk: int,
-    *,
-    subkey_topk: Optional[TopkFn] = None,
-    pairs: Optional[Tensor] = None,
+    sub_scores: Tensor, topk: int, *, subkey_topk: Optional[TopkFn] = None
 ) -> Tuple[Tensor, Tensor]:
     """Best ``topk`` slots from sub-key scores, scoring only the candidates that can win.
 
@@ -111,33 +109,19 @@ def product_topk(
         topk: slots to return per head, ``1 <= topk <= num_keys``.
         subkey_topk: replaces the per-half selection (e.g. a differentiable top-k); it
             must return values sorted best first.
-        pairs: the output of :func:`candidate_pairs` for ``topk`` (by default the cached one).
 
     Returns:
         ``scores, indices``, both ``(..., heads, topk)``, sorted by descending score, the
         lower slot first on ties; ``indices`` are slots ``i1 * num_keys + i2``.
     """
-    if not fast_path_enabled(sub_scores.device):
-        return product_topk_reference(sub_scores, topk, subkey_topk=subkey_topk)
-    num_keys = sub_scores.shape[-1]
-    best, best_idx = (_topk if subkey_topk is None else subkey_topk)(sub_scores, topk)
-    (s1, s2), (i1, i2) = best.unbind(-2), best_idx.unbind(-2)
-    a, b = candidate_pairs(topk, sub_scores.device) if pairs is None else pairs
-    cand_scores = s1.index_select(-1, a) + s2.index_select(-1, b)  # (..., heads, P)
-    cand_slots = i1.index_select(-1, a) * num_keys + i2.index_select(-1, b)
-    return _topk(cand_scores, topk, cand_slots)
-
-
-def _topk(x: Tensor, k: int, index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    # the int64-key top-k returns values without a gradient; a stable sort keeps it
-    return (_ref.stable_topk if x.requires_grad else ops.topk_lower_index)(x, k, index)
+    return _product_topk(sub_scores, topk, subkey_topk=subkey_topk)
 
 
 def product_topk_reference(
     sub_scores: Tensor, topk: int, *, subkey_topk: Optional[TopkFn] = None
 ) -> Tuple[Tensor, Tensor]:
     """The paper's two-stage search: all ``topk ** 2`` sums of the two top-k lists."""
-    return _ref.product_topk(sub_scores, topk, subkey_topk=subkey_topk)
+    return _search_ref.product_topk(sub_scores, topk, subkey_topk=subkey_topk)
 
 
 def product_key_search(
@@ -146,52 +130,21 @@ def product_key_search(
     topk: int,
     *,
     subkey_topk: Optional[TopkFn] = None,
-    pairs: Optional[Tensor] = None,
+    gumbel_noise_scale: float = 0.0,
 ) -> Tuple[Tensor, Tensor]:
     """Queries ``(..., heads, 2, dim_key)`` and keys ``(heads, 2, num_keys, dim_key)``
     -> ``scores, indices`` of the ``topk`` best slots per head, ``(..., heads, topk)``.
 
-    The op ``torch.ops.pkm.search``: it reads the keys in place and never builds the
-    stacked sub-score tensor. A custom ``subkey_topk`` takes :func:`product_topk`.
+    :func:`product_key_memory.ops.search.search` (``torch.ops.pkm.search`` when a gradient is
+    wanted): it reads the keys in place and never builds the stacked sub-score tensor, unless
+    a custom ``subkey_topk`` or Gumbel noise (added to the sub-key scores) needs it.
     """
-    if _exporting() and subkey_topk is None:
-        return _export_product_topk(subkey_scores(queries, keys), topk)
-    if subkey_topk is not None or _exporting():
-        return product_topk(subkey_scores(queries, keys), topk, subkey_topk=subkey_topk, pairs=pairs)
     lead, (heads, _, dim_key) = queries.shape[:-3], queries.shape[-3:]
-    scores, slots = ops.search(queries.reshape(-1, heads, 2, dim_key), keys, topk)
+    scores, slots = _search(
+        queries.reshape(-1, heads, 2, dim_key), keys, topk, subkey_topk=subkey_topk,
+        gumbel_noise_scale=gumbel_noise_scale,
+    )
     return scores.reshape(*lead, heads, topk), slots.reshape(*lead, heads, topk)
-
-
-def _export_product_topk(sub_scores: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
-    # what torch.export traces, in ops the ONNX exporter translates (it has no stable sort). The grid is put
-    # in slot order first, so the lower position in it is the lower slot.
-    num_keys = sub_scores.shape[-1]
-    best, best_idx = _topk_lower_index_exportable(sub_scores, topk)
-    (s1, s2), (i1, i2) = best.unbind(-2), best_idx.unbind(-2)
-    grid = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (..., heads, topk * topk)
-    grid_slots = (i1.unsqueeze(-1) * num_keys + i2.unsqueeze(-2)).flatten(-2)
-    by_slot = (-grid_slots).topk(grid_slots.shape[-1], dim=-1).indices  # ascending slots (distinct: exact)
-    grid, grid_slots = grid.gather(-1, by_slot), grid_slots.gather(-1, by_slot)
-    scores, pos = _topk_lower_index_exportable(grid, topk)
-    return scores, grid_slots.gather(-1, pos)
-
-
-def _topk_lower_index_exportable(x: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-    """``ops.topk_lower_index`` in plain ops: PyTorch's ``topk`` alone breaks ties its own way."""
-    n = x.shape[-1]
-    kth = x.topk(k, dim=-1).values[..., -1:]  # the k-th best value, whatever the ties
-    above, tied = x > kth, x == kth
-    room = k - above.sum(-1, keepdim=True)  # how many of the tied values fit, lowest index first
-    chosen = above | (tied & (tied.cumsum(-1) <= room))  # exactly k per row
-    position = torch.arange(n, 0, -1, device=x.device)  # n - i: larger for lower i, and distinct
-    index = torch.where(chosen, position, 0).topk(k, dim=-1).indices  # the chosen, by ascending index
-    values = x.gather(-1, index)
-    # place each by the chosen that beat it: a higher value, or an equal one at a lower index (earlier here)
-    v_i, v_j = values.unsqueeze(-1), values.unsqueeze(-2)
-    earlier = torch.ones(k, k, dtype=torch.bool, device=x.device).tril(-1)  # [i, j]: j before i
-    rank = ((v_j > v_i) | ((v_j == v_i) & earlier)).sum(-1)  # (..., k), a permutation of 0..k-1
-    return values.scatter(-1, rank, values), index.scatter(-1, rank, index)
 
 
 def _check_read_args(values: Tensor, indices: Tensor, weights: Optional[Tensor], trainable: Optional[Tensor]):
@@ -228,12 +181,7 @@ def value_read_reference(
         ``(..., dim)``
     """
     _check_read_args(values, indices, weights, trainable)
-    rows = F.embedding(indices.long(), values)  # (..., m, dim)
-    if trainable is not None:
-        rows = torch.where(trainable[indices.long()].unsqueeze(-1), rows, rows.detach())
-    if weights is None:
-        return rows.sum(-2)
-    return (rows * weights.to(rows.dtype).unsqueeze(-1)).sum(-2)
+    return _read_ref.value_read(values, indices, weights, trainable)
 
 
 def value_read(
@@ -244,29 +192,22 @@ def value_read(
     trainable: Optional[Tensor] = None,
     sparse: bool = False,
 ) -> Tensor:
-    """Same result and gradients as :func:`value_read_reference`: the op ``torch.ops.pkm.value_read``.
+    """Same result and gradients as :func:`value_read_reference`:
+    :func:`product_key_memory.ops.value_read.value_read` (``torch.ops.pkm.value_read``).
 
     The backward touches only the rows read: ``sparse=True`` makes the gradient of
     ``values`` a coalesced sparse tensor holding just those rows (for
-    ``optim.SparseRowAdam`` or ``torch.optim.SparseAdam``; compiled code gets a dense
+    ``SparseRowAdam`` or ``torch.optim.SparseAdam``; compiled code gets a dense
     gradient), skipping rows read only with weight 0 (padding) or outside ``trainable``.
     The weights may have any float dtype; their gradient comes back in it.
     """
     _check_read_args(values, indices, weights, trainable)
-    if _exporting():
-        return value_read_reference(values, indices, weights, trainable=trainable)
     if indices.dim() == 2:  # (bags, m) already, as a memory layer reads
-        return ops.value_read(values, indices, weights, trainable, sparse)
+        return _value_read(values, indices, weights, trainable, sparse)
     lead, m = indices.shape[:-1], indices.shape[-1]
     flat_w = None if weights is None else weights.reshape(-1, m)
-    out = ops.value_read(values, indices.reshape(-1, m), flat_w, trainable, sparse)
+    out = _value_read(values, indices.reshape(-1, m), flat_w, trainable, sparse)
     return out.view(*lead, values.shape[1])
-
-
-def gumbel_noise_like(t: Tensor) -> Tensor:
-    """Standard Gumbel noise with the shape, dtype and device of ``t``."""
-    u = torch.rand_like(t).clamp_(min=1e-20, max=1.0 - 1e-7)
-    return -torch.log(-torch.log(u))
 
 
 SCORE_SUBTRACTS = ("min", "mean", "median")

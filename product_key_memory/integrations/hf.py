@@ -22,7 +22,7 @@ from typing import Iterable, Union
 
 from torch import nn
 
-from ..pkm import PKM
+from ..layers.pkm import PKM
 
 __all__ = ["add_pkm", "apply_pkm_from_config", "find_blocks", "from_pretrained", "CONFIG_KEY"]
 

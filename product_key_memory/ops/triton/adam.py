@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import check_device
+from .._triton import check_device
 
 __all__ = ["sparse_adam_step_", "sparse_adam_step_reference_"]
 

@@ -1,0 +1,498 @@
+"""KNN memory: keys and values seen earlier, retrieved by nearest-neighbour search (Wu et al. 2022, arXiv 2203.08913).
+
+:class:`KNNMemory` keeps the API of ``memorizing-transformers-pytorch`` 0.4.1 (``add``, ``search``, ``clear``,
+``at_batch_indices``) on torch tensors: one ring buffer per index (batch row), exact inner-product search by
+batched matmul and a running top-k, and an optional approximate Faiss backend for very large memories.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .._checks import check_positive_int
+from ..ops import topk_lower_index
+
+__all__ = ["KNNMemory", "KNNMemoryList", "exact_search"]
+
+BACKENDS = ("exact", "faiss")
+
+
+GROUP_SIZE = 16
+SCORE_BUDGET = 1 << 23  # scores held at once by the default chunking (32 MiB of float32; measured best)
+
+
+def exact_search(
+    queries: Tensor, keys: Tensor, count: Tensor, topk: int, chunk_size: Optional[int] = None,
+    rows: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact inner-product top-k of ``queries (b, m, d)`` over the first ``count[i]`` of ``keys (b, s, d)`` per row.
+
+    With ``rows (b,)``, query row ``i`` searches ``keys[rows[i]]`` (a chunk at a time, not copying ``keys``).
+
+    Returns ``scores (b, m, topk)``, ``slots (b, m, topk)`` (positions in ``keys``) and ``mask (b, m, topk)``,
+    False where row ``i`` holds fewer than ``topk`` keys (those slots are 0, scores ``-inf``). Sorted by score,
+    ties to the lower slot. Keys are scored ``chunk_size`` at a time (default: as many as keep ``b * m *
+    chunk_size`` under 2**23, at least 1024; where even that is over, the queries are split as well) by one
+    batched matmul each; no host synchronisation, so it runs as queued work.
+
+    Per chunk, the only full pass over the scores besides the matmul is a max over groups of ``GROUP_SIZE``
+    consecutive slots. The top-k memories lie in the ``topk`` best groups (by max, ties to the lower group:
+    a group ranked below ``topk`` others has, in each of them, a memory that beats all of its own), so
+    the exact, tie-ruled :func:`~product_key_memory.ops.topk_lower_index` runs only on group maxima and on
+    the ``topk * GROUP_SIZE`` memories of the chosen groups, merged with the running best of earlier chunks.
+    """
+    b, m, _ = queries.shape
+    device, g = queries.device, GROUP_SIZE
+    if chunk_size is None:
+        if b * m * 64 * g > SCORE_BUDGET and m > 1:  # even the smallest chunk of memories is over budget:
+            step = max(1, SCORE_BUDGET // (b * 64 * g))  # split the queries too, so the bound holds
+            parts = [exact_search(queries[:, i:i + step], keys, count, topk, None, rows) for i in range(0, m, step)]
+            return tuple(torch.cat(p, 1) for p in zip(*parts))
+        chunk_size = max(64 * g, SCORE_BUDGET // max(1, b * m) // g * g)
+    # memories past count[i] are masked on the group maxima and on the candidates only; the one group a row's
+    # count cuts may then look better than it is, so one more group is kept (it can displace at most one)
+    count = count[:, None, None]  # (b, 1, 1)
+    best = torch.full((b, m, 0), float("-inf"), device=device)
+    best_slots = torch.zeros((b, m, 0), dtype=torch.int64, device=device)
+    offsets = torch.arange(g, device=device)
+    for start in range(0, keys.shape[1], chunk_size):
+        chunk = keys[:, start:start + chunk_size] if rows is None else keys[rows, start:start + chunk_size]
+        c = chunk.shape[1]
+        scores = torch.bmm(queries, chunk.transpose(1, 2))  # (b, m, c)
+        whole = c - c % g
+        group_max = scores[..., :whole].unflatten(-1, (-1, g)).amax(-1)  # (b, m, c // g)
+        if whole < c:
+            group_max = torch.cat((group_max, scores[..., whole:].amax(-1, keepdim=True)), -1)
+        first_slot = torch.arange(start, start + c, g, device=device)
+        group_max = group_max.masked_fill(first_slot >= count, float("-inf"))
+        _, groups = topk_lower_index(group_max, min(topk + 1, group_max.shape[-1]))  # (b, m, topk + 1)
+        pos = (groups[..., None] * g + offsets).flatten(-2)  # (b, m, (topk + 1) * g), positions in the chunk
+        cand = scores.gather(-1, pos.clamp(max=c - 1))
+        cand = cand.to(torch.promote_types(cand.dtype, torch.float32))  # the codes of topk_lower_index: >= fp32
+        cand = cand.masked_fill((pos >= c) | (pos + start >= count), float("-inf"))
+        merged = torch.cat((best, cand), -1)
+        best, best_slots = topk_lower_index(merged, min(topk, merged.shape[-1]), torch.cat((best_slots, pos + start), -1))
+    if best.shape[-1] < topk:  # fewer keys than topk in all
+        fill = topk - best.shape[-1]
+        best = torch.cat((best, best.new_full((b, m, fill), float("-inf"))), -1)
+        best_slots = torch.cat((best_slots, best_slots.new_zeros((b, m, fill))), -1)
+    mask = (torch.arange(topk, device=device) < count).expand(b, m, topk)
+    return best.to(queries.dtype), best_slots.masked_fill(~mask, 0), mask
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("backend='faiss' needs faiss: pip install faiss-cpu (or the 'faiss' extra: "
+                          "pip install -e '.[faiss]' in a checkout of product-key-memory)") from err
+    return faiss
+
+
+class KNNMemory:
+    r"""Per-row memories of ``(key, value)`` pairs with top-k inner-product search, as memorizing-transformers-pytorch.
+
+    Each of ``num_indices`` indices (one per batch row) is a ring buffer of ``max_memories`` pairs: when it is
+    full, :meth:`add` overwrites the oldest pairs, never more. Search is exact by default (batched matmul and
+    top-k over chunks of ``chunk_size`` memories; any device, no host copies) and returns, per query, the
+    ``topk`` memories of highest ``<query, key>`` in its row's index, best first, ties to the lower buffer slot.
+
+    Args:
+        dim: width of keys, values and queries.
+        max_memories: capacity of each index.
+        num_indices: number of indices, usually the batch size.
+        memmap_filename: ``None`` (default) keeps the buffer in memory. A path keeps it in that file, mapped
+            into memory (CPU only; the file is overwritten); the peer's default wrote ``./knn.memory.memmap``.
+        multiprocessing: accepted for compatibility with memorizing-transformers-pytorch; all rows are
+            searched in one batched call, so there are no worker processes.
+
+    Keyword-only args:
+        backend: ``"exact"`` (default) or ``"faiss"``: per index a Faiss ``IndexIVFFlat`` (inner product) over
+            the keys, ids = buffer slots, overwritten slots removed before re-adding, so eviction is FIFO as in
+            the exact backend. Until an index holds ``faiss_train_size`` memories it is searched exactly; it is
+            then trained on the keys it holds (centroids are kept across :meth:`clear`). Approximate; ties
+            follow Faiss. Needs ``pip install faiss-cpu`` (the ``faiss`` extra).
+        chunk_size: memories scored at once by the exact search; its scores take ``rows * queries *
+            chunk_size * 4`` bytes. Default ``None``: as many as keep that under 32 MiB.
+        faiss_nlist: inverted lists of each Faiss index (default ``sqrt(max_memories)``, at least 1).
+        faiss_nprobe: lists searched per query (default ``faiss_nlist // 4``, at least 1: recall 0.80 on
+            256,000 random unit keys of 64 dims, where IVF is at its worst; clustered keys do better).
+        faiss_train_size: memories an index must hold before it is trained (default ``39 * faiss_nlist``).
+        device, dtype: of the buffer (default CPU, float32). Added memories are cast to ``dtype``; queries are
+            cast to it for the search.
+
+    Shape:
+        - :meth:`add`: ``memories (b, n, 2, dim)`` (``[..., 0, :]`` keys, ``[..., 1, :]`` values), ``b`` the
+          number of rows in scope (all indices, or those of :meth:`at_batch_indices`).
+        - :meth:`search`: ``queries (b, ..., dim)`` -> ``key_values (b, ..., topk, 2, dim)`` (zeros where
+          masked) and ``mask (b, ..., topk)``.
+
+    Examples::
+
+        >>> memory = KNNMemory(dim=64, max_memories=1024, num_indices=2)
+        >>> memory.add(torch.randn(2, 512, 2, 64))
+        >>> key_values, mask = memory.search(torch.randn(2, 8, 128, 64), topk=32)  # (2, 8, 128, 32, 2, 64)
+        >>> with memory.at_batch_indices([1]):
+        ...     memory.add(torch.randn(1, 16, 2, 64))
+        >>> memory.clear([0])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        max_memories: int = 16000,
+        num_indices: int = 1,
+        memmap_filename: Optional[str] = None,
+        multiprocessing: bool = True,
+        *,
+        backend: str = "exact",
+        chunk_size: Optional[int] = None,
+        faiss_nlist: Optional[int] = None,
+        faiss_nprobe: Optional[int] = None,
+        faiss_train_size: Optional[int] = None,
+        device=None,
+        dtype=None,
+    ):
+        for name, value in (("dim", dim), ("max_memories", max_memories), ("num_indices", num_indices)):
+            check_positive_int(name, value)
+        if chunk_size is not None:
+            check_positive_int("chunk_size", chunk_size)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if faiss_nlist is None:
+            faiss_nlist = max(1, min(max_memories, int(math.sqrt(max_memories))))
+        check_positive_int("faiss_nlist", faiss_nlist)
+        if faiss_nprobe is None:
+            faiss_nprobe = max(1, faiss_nlist // 4)
+        check_positive_int("faiss_nprobe", faiss_nprobe)
+        if faiss_train_size is None:
+            faiss_train_size = min(max_memories, 39 * faiss_nlist)
+        check_positive_int("faiss_train_size", faiss_train_size)
+        if faiss_train_size < faiss_nlist or faiss_train_size > max_memories:
+            raise ValueError(f"faiss_train_size must be in [faiss_nlist={faiss_nlist}, max_memories={max_memories}],"
+                             f" got {faiss_train_size}")
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
+        device = torch.device(device if device is not None else "cpu")
+        if memmap_filename is not None and device.type != "cpu":
+            raise ValueError(f"memmap_filename needs a CPU buffer, got device={device}")
+        self.dim, self.max_memories, self.num_indices = dim, max_memories, num_indices
+        self.memmap_filename, self.multiprocessing = memmap_filename, multiprocessing
+        self.backend, self.chunk_size = backend, chunk_size
+        self.faiss_nlist, self.faiss_nprobe, self.faiss_train_size = faiss_nlist, faiss_nprobe, faiss_train_size
+
+        # slot max_memories is a spare that takes the writes add() drops, so add() never needs a host sync
+        shape = (num_indices, max_memories + 1, 2, dim)
+        if memmap_filename is not None:
+            self._storage = torch.from_file(str(memmap_filename), shared=True, size=math.prod(shape), dtype=dtype)
+            self._storage = self._storage.view(shape).zero_()
+        else:
+            self._storage = torch.zeros(shape, dtype=dtype, device=device)
+        self.write_pos = torch.zeros(num_indices, dtype=torch.int64, device=device)
+        self.count = torch.zeros(num_indices, dtype=torch.int64, device=device)
+        self._filled = 0  # host-side upper bound of count.max(): the search skips chunks no index has reached
+        self._indexes: list = [None] * num_indices
+        if backend == "faiss":
+            _faiss()
+        self.set_scoped_indices(range(num_indices))
+
+    @property
+    def buffer(self) -> Tensor:
+        """The memories, ``(num_indices, max_memories, 2, dim)``; slots ``[0, count[i])`` of index ``i`` are live."""
+        return self._storage[:, :self.max_memories]
+
+    @property
+    def device(self) -> torch.device:
+        return self._storage.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._storage.dtype
+
+    # -- scope ------------------------------------------------------------------------------------------------
+
+    def set_scoped_indices(self, indices: Iterable[int]) -> None:
+        """Make :meth:`add` and :meth:`search` act on these indices (batch row ``j`` is index ``indices[j]``)."""
+        indices = [int(i) for i in indices]
+        if len(set(indices)) != len(indices) or not all(0 <= i < self.num_indices for i in indices):
+            raise ValueError(f"batch indices must be distinct ints in [0, num_indices={self.num_indices}), "
+                             f"got {indices}")
+        self.scoped_indices = indices
+        self._scope = torch.tensor(indices, dtype=torch.int64, device=self.device)
+
+    @contextmanager
+    def at_batch_indices(self, indices: Iterable[int]):
+        """Context in which batch row ``j`` of :meth:`add` and :meth:`search` is index ``indices[j]``."""
+        previous = self.scoped_indices
+        self.set_scoped_indices(indices)
+        try:
+            yield self
+        finally:
+            self.set_scoped_indices(previous)
+
+    def _check_rows(self, name: str, tensor: Tensor) -> None:
+        if tensor.dim() < 2 or tensor.shape[0] != len(self.scoped_indices) or tensor.shape[-1] != self.dim:
+            raise ValueError(f"{name} must be (b={len(self.scoped_indices)}, ..., dim={self.dim}) for the "
+                             f"{len(self.scoped_indices)} indices in scope, got shape {tuple(tensor.shape)}")
+
+    # -- writing ----------------------------------------------------------------------------------------------
+
+    def clear(self, batch_indices: Union[int, Sequence[int], None] = None) -> None:
+        """Empty the given indices (default: all of them); the others keep their memories."""
+        if batch_indices is None:
+            batch_indices = range(self.num_indices)
+        elif isinstance(batch_indices, Tensor):
+            batch_indices = batch_indices.flatten().tolist()
+        elif isinstance(batch_indices, int):
+            batch_indices = [batch_indices]
+        batch_indices = sorted({int(i) for i in batch_indices})
+        if not all(0 <= i < self.num_indices for i in batch_indices):
+            raise ValueError(f"batch_indices must be in [0, num_indices={self.num_indices}), got {batch_indices}")
+        if not batch_indices:
+            return
+        rows = torch.tensor(batch_indices, dtype=torch.int64, device=self.device)
+        self.count[rows] = 0
+        self.write_pos[rows] = 0
+        if len(batch_indices) == self.num_indices:
+            self._filled = 0
+        for i in batch_indices:
+            if self._indexes[i] is not None:
+                self._indexes[i].reset()  # keeps the trained centroids
+
+    @torch.no_grad()
+    def clear_where(self, rows: Tensor) -> None:
+        """Empty the indices in scope whose entry of ``rows (b,)`` (bool, batch rows) is True.
+
+        :meth:`clear` for a mask computed on the device: the exact backend does it without a host sync.
+        """
+        if rows.shape != (len(self.scoped_indices),) or rows.dtype != torch.bool:
+            raise ValueError(f"rows must be a bool tensor of shape ({len(self.scoped_indices)},), one per batch row "
+                             f"in scope, got {rows.dtype} {tuple(rows.shape)}")
+        rows = rows.to(self.device)
+        if self.backend == "faiss":  # the indices live on the host anyway
+            self.clear([self.scoped_indices[j] for j in rows.nonzero().flatten().tolist()])
+            return
+        self.count[self._scope] = self.count[self._scope].masked_fill(rows, 0)
+        self.write_pos[self._scope] = self.write_pos[self._scope].masked_fill(rows, 0)
+
+    @torch.no_grad()
+    def add(self, memories: Tensor, mask: Optional[Tensor] = None) -> None:
+        """Append ``memories (b, n, 2, dim)`` to the indices in scope, overwriting the oldest when full.
+
+        ``mask (b, n)`` bool, optional: only the True positions are written (padding, other documents).
+        Memories are detached. Of more than ``max_memories`` new ones in a row, the last ``max_memories`` stay.
+        """
+        self._check_rows("memories", memories)
+        if memories.dim() != 4 or memories.shape[2] != 2:
+            raise ValueError(f"memories must be (b, n, 2, dim={self.dim}), got shape {tuple(memories.shape)}")
+        b, n = memories.shape[:2]
+        if mask is None:
+            mask = torch.ones(b, n, dtype=torch.bool, device=self.device)
+        elif mask.shape != (b, n) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor of shape {(b, n)}, got {mask.dtype} {tuple(mask.shape)}")
+        mask = mask.to(self.device)
+        memories = memories.detach().to(device=self.device, dtype=self.dtype)
+
+        rank = mask.cumsum(-1) - 1  # (b, n): place of each written memory among its row's new ones
+        total = mask.sum(-1)  # (b,)
+        keep = mask & (rank >= (total - self.max_memories)[:, None])
+        pos, count = self.write_pos[self._scope], self.count[self._scope]
+        slots = torch.where(keep, (pos[:, None] + rank) % self.max_memories, self.max_memories)  # spare slot
+        self._storage.index_put_((self._scope[:, None].expand(b, n), slots), memories)
+        self.write_pos[self._scope] = (pos + total) % self.max_memories
+        self.count[self._scope] = (count + total).clamp(max=self.max_memories)
+        self._filled = min(self.max_memories, self._filled + n)
+        if self.backend == "faiss":
+            self._faiss_add(memories, keep, slots)
+
+    # -- reading ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def search(
+        self,
+        queries: Tensor,
+        topk: int,
+        nprobe: Optional[int] = None,
+        increment_hits: bool = True,
+        increment_age: bool = True,
+        *,
+        return_slots: bool = False,
+    ):
+        """The ``topk`` memories of largest inner product with each of ``queries (b, ..., dim)``, best first.
+
+        Returns ``key_values (b, ..., topk, 2, dim)`` (zeros where masked) and ``mask (b, ..., topk)``, False
+        where an index holds fewer than ``topk`` memories; with ``return_slots=True`` also the buffer slots
+        ``(b, ..., topk)``. Results are detached.
+
+        ``nprobe``: inverted lists searched per query by the Faiss backend for this call (default
+        ``faiss_nprobe``); the exact backend has none to probe. ``increment_hits`` and ``increment_age`` are
+        memorizing-transformers-pytorch's hit and age counters, which nothing in it reads back and which
+        eviction here (oldest first) does not need: accepted so calls written for it run, and change nothing.
+        """
+        check_positive_int("topk", topk)
+        if nprobe is not None:
+            check_positive_int("nprobe", nprobe)
+        self._check_rows("queries", queries)
+        lead = queries.shape[:-1]
+        q = queries.detach().reshape(lead[0], -1, self.dim).to(device=self.device, dtype=self.dtype)  # (b, m, d)
+        if self.backend == "faiss":
+            slots, mask = self._faiss_search(q, topk, self.faiss_nprobe if nprobe is None else nprobe)
+        else:
+            keys = self._storage[:, :self._filled, 0]  # (num_indices, filled, d)
+            rows = None if self._scope_is_all() else self._scope
+            _, slots, mask = exact_search(q, keys, self.count[self._scope], topk, self.chunk_size, rows)
+        rows = self._scope[:, None, None].expand_as(slots)
+        key_values = self._storage[rows, slots] * mask[..., None, None]  # (b, m, topk, 2, d)
+        out_device = queries.device
+        key_values = key_values.reshape(*lead, topk, 2, self.dim).to(out_device)
+        mask = mask.reshape(*lead, topk).to(out_device)
+        if return_slots:
+            return key_values, mask, slots.reshape(*lead, topk).to(out_device)
+        return key_values, mask
+
+    def _scope_is_all(self) -> bool:
+        return self.scoped_indices == list(range(self.num_indices))
+
+    # -- faiss backend ----------------------------------------------------------------------------------------
+
+    def _new_faiss_index(self):
+        faiss = _faiss()
+        quantizer = faiss.IndexFlatIP(self.dim)
+        index = faiss.IndexIVFFlat(quantizer, self.dim, self.faiss_nlist, faiss.METRIC_INNER_PRODUCT)
+        index.nprobe = min(self.faiss_nprobe, self.faiss_nlist)
+        return index
+
+    def _faiss_add(self, memories: Tensor, keep: Tensor, slots: Tensor) -> None:
+        import numpy as np
+
+        counts = self.count[self._scope].tolist()
+        for row, i in enumerate(self.scoped_indices):
+            index = self._indexes[i]
+            if index is None or not index.is_trained:
+                if counts[row] >= self.faiss_train_size:
+                    self._faiss_build(i)  # trains on, and adds, everything index i holds
+                continue
+            written = keep[row].cpu()
+            ids = slots[row].cpu()[written].numpy().astype(np.int64)
+            if len(ids) == 0:
+                continue
+            index.remove_ids(ids)  # the slots being overwritten: FIFO eviction
+            keys = memories[row, :, 0][written.to(memories.device)].float().cpu().numpy()
+            index.add_with_ids(np.ascontiguousarray(keys), ids)
+
+    def _faiss_build(self, i: int) -> None:
+        import numpy as np
+
+        index = self._indexes[i] or self._new_faiss_index()
+        count = int(self.count[i])
+        keys = np.ascontiguousarray(self._storage[i, :count, 0].float().cpu().numpy())
+        if not index.is_trained:
+            index.train(keys)
+        index.reset()
+        index.add_with_ids(keys, np.arange(count, dtype=np.int64))
+        self._indexes[i] = index
+
+    def _faiss_search(self, q: Tensor, topk: int, nprobe: int) -> tuple[Tensor, Tensor]:
+        slots, masks = [], []
+        exact_rows = [row for row, i in enumerate(self.scoped_indices)
+                      if self._indexes[i] is None or self._indexes[i].ntotal == 0]
+        if exact_rows:  # untrained indices (few memories): exact search
+            rows = self._scope[exact_rows]
+            _, s, m = exact_search(q[exact_rows], self._storage[:, :self._filled, 0], self.count[rows], topk,
+                                   self.chunk_size, rows)
+            exact = dict(zip(exact_rows, zip(s, m)))
+        for row, i in enumerate(self.scoped_indices):
+            if row in exact_rows:
+                s, m = exact[row]
+            else:
+                index = self._indexes[i]
+                index.nprobe = min(nprobe, self.faiss_nlist)
+                _, ids = index.search(q[row].float().cpu().numpy(), topk)
+                ids = torch.from_numpy(ids).to(self.device)
+                m = ids >= 0
+                s = ids.clamp(min=0)
+            slots.append(s)
+            masks.append(m)
+        return torch.stack(slots), torch.stack(masks)
+
+    # -- state --------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Memories, write positions, counts (and serialized Faiss indices): enough to resume a document."""
+        state = {"buffer": self.buffer.clone(), "write_pos": self.write_pos.clone(), "count": self.count.clone()}
+        if self.backend == "faiss":
+            faiss = _faiss() if any(ix is not None for ix in self._indexes) else None
+            state["faiss_indexes"] = [None if ix is None else torch.from_numpy(faiss.serialize_index(ix))
+                                      for ix in self._indexes]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load :meth:`state_dict` of a memory of the same ``num_indices``, ``max_memories`` and ``dim``."""
+        buffer = state["buffer"]
+        if tuple(buffer.shape) != tuple(self.buffer.shape):
+            raise ValueError(f"state buffer has shape {tuple(buffer.shape)}, this memory needs "
+                             f"{tuple(self.buffer.shape)} (num_indices, max_memories, 2, dim)")
+        self._storage[:, :self.max_memories].copy_(buffer)
+        self.write_pos.copy_(state["write_pos"])
+        self.count.copy_(state["count"])
+        self._filled = int(self.count.max()) if self.num_indices else 0
+        if self.backend == "faiss":
+            saved = state.get("faiss_indexes") or [None] * self.num_indices
+            faiss = _faiss()
+            for i, blob in enumerate(saved):
+                if blob is not None:
+                    index = faiss.deserialize_index(blob.numpy())
+                    index.nprobe = min(self.faiss_nprobe, self.faiss_nlist)
+                    self._indexes[i] = index
+                elif int(self.count[i]) >= self.faiss_train_size:
+                    self._faiss_build(i)
+                else:
+                    self._indexes[i] = None
+
+    def __repr__(self) -> str:
+        extra = "" if self.backend == "exact" else f", backend='faiss', faiss_nlist={self.faiss_nlist}"
+        return (f"KNNMemory(dim={self.dim}, max_memories={self.max_memories}, num_indices={self.num_indices}"
+                f"{extra}, device={self.device}, dtype={self.dtype})")
+
+
+class KNNMemoryList(list):
+    """The memories of a model's KNN layers, in block order (what ``TransformerLM.create_knn_memories`` returns)."""
+
+    def __getitem__(self, item):
+        got = super().__getitem__(item)
+        return type(self)(got) if isinstance(item, slice) else got  # memories[1:3].clear() as the peer's
+
+    def clear(self, batch_indices: Union[int, Sequence[int], None] = None) -> None:
+        for memory in self:
+            memory.clear(batch_indices)
+
+    def clear_memory(self, batch_indices: Union[int, Sequence[int], None] = None,
+                     memory_indices: Optional[Iterable[int]] = None) -> None:
+        """memorizing-transformers-pytorch's name: clear ``batch_indices`` of the memories ``memory_indices``
+        (default: all of them)."""
+        memories = self if memory_indices is None else [self[i] for i in memory_indices]
+        for memory in memories:
+            memory.clear(batch_indices)
+
+    @contextmanager
+    def at_batch_indices(self, indices: Iterable[int]):
+        indices = list(indices)
+        with ExitStack() as stack:
+            for memory in self:
+                stack.enter_context(memory.at_batch_indices(indices))
+            yield self
+
+    def state_dict(self) -> list:
+        return [memory.state_dict() for memory in self]
+
+    def load_state_dict(self, states: list) -> None:
+        if len(states) != len(self):
+            raise ValueError(f"states holds {len(states)} memories, this list has {len(self)}")
+        for memory, state in zip(self, states):
+            memory.load_state_dict(state)

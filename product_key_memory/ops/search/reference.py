@@ -1,0 +1,63 @@
+"""The product-key search written as plainly as PyTorch allows: the specification.
+
+Every other implementation is tested against these. Nothing here is tuned: the search scores
+the whole ``topk x topk`` grid of the paper's two-stage search (arXiv 1907.05242, sec. 3.2).
+On equal scores the lower slot wins (:func:`..topk.reference.topk_lower_index`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..topk.reference import topk_lower_index as stable_topk
+
+__all__ = ["score_dtype", "subkey_scores", "product_topk", "search", "brute_force_search"]
+
+TopkFn = Callable[[Tensor, int], Tuple[Tensor, Tensor]]
+
+
+def score_dtype(*tensors: Tensor) -> torch.dtype:
+    """Scores are never computed below float32; float64 stays float64 (gradcheck)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def subkey_scores(queries: Tensor, keys: Tensor) -> Tensor:
+    """``(..., heads, 2, dim_key)`` queries, ``(heads, 2, num_keys, dim_key)`` keys ->
+    ``(..., heads, 2, num_keys)`` dot products, in float32 or float64, outside autocast."""
+    dtype = score_dtype(queries, keys)
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        return torch.einsum("...hpd,hpkd->...hpk", queries.to(dtype), keys.to(dtype))
+
+
+def product_topk(sub_scores: Tensor, topk: int, *, subkey_topk: Optional[TopkFn] = None) -> Tuple[Tensor, Tensor]:
+    """The paper's two-stage search: the ``topk`` best sub-keys of each half, then the best
+    ``topk`` of all ``topk ** 2`` sums. ``subkey_topk`` replaces the per-half selection
+    (it must return values sorted best first)."""
+    num_keys = sub_scores.shape[-1]
+    select = stable_topk if subkey_topk is None else subkey_topk
+    best, best_idx = select(sub_scores, topk)
+    (s1, s2), (i1, i2) = best.unbind(-2), best_idx.unbind(-2)
+    grid = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (..., heads, topk * topk)
+    grid_slots = (i1.unsqueeze(-1) * num_keys + i2.unsqueeze(-2)).flatten(-2)
+    return stable_topk(grid, topk, grid_slots)
+
+
+def search(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
+    """``pkm::search``: ``(N, heads, 2, dim_key)`` queries -> ``scores, slots`` ``(N, heads, topk)``."""
+    return product_topk(subkey_scores(queries, keys), topk)
+
+
+def brute_force_search(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
+    """Scores every one of the ``num_keys ** 2`` slots and keeps the best ``topk``.
+
+    What the two-stage search must equal; memory grows with ``num_keys ** 2``, so it is
+    for tests and small tables only.
+    """
+    s1, s2 = subkey_scores(queries, keys).unbind(-2)  # (..., heads, num_keys)
+    return stable_topk((s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2), topk)

@@ -1,0 +1,52 @@
+"""The tie-ruled top-k (``x.topk(k)`` where equal values go to the lower index), used by the
+search and the KNN memory. :func:`topk_lower_index` is the one entry; it routes:
+
+* values that need a gradient, and float64 without one: :mod:`.reference` (a stable sort);
+* while ``torch.export`` traces: :mod:`.export` (ops the ONNX exporter translates);
+* float32 on CPU in eager mode: :func:`.torch_impl.topk_distinct_first` (a plain ``topk`` for rows
+  without a tie near the top, the keyed top-k for the rest);
+* otherwise: :func:`.torch_impl.topk_keyed` (score code and index in one int64 key).
+
+Every route returns the same values and indices as :mod:`.reference`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import export, reference
+from .torch_impl import topk_distinct_first, topk_keyed
+
+__all__ = ["topk_lower_index"]
+
+
+def topk_lower_index(
+    x: Tensor, k: int, index: Optional[Tensor] = None, *, wide: bool = False
+) -> Tuple[Tensor, Tensor]:
+    """``x.topk(k)`` along the last dim, best first, where equal values go to the lower index.
+
+    Args:
+        x: ``(..., n)`` float scores.
+        k: how many to keep, ``<= n``.
+        index: ``(..., n)`` ints in ``[0, 2 ** 32)``, returned and compared on ties instead of
+            the position (distinct within a row).
+        wide: the answer may hold ``k + 1`` columns (the first ``k`` are the answer), saving two
+            slices for a caller that reads only the first ``k``.
+
+    Returns:
+        ``values, indices``, both ``(..., k)`` (or ``k + 1`` with ``wide``). ``values`` carry a
+        gradient when ``x`` does.
+    """
+    if torch.compiler.is_exporting():
+        return export.topk_lower_index(x, k, index)
+    if x.dtype == torch.float64 or (x.requires_grad and torch.is_grad_enabled()):
+        return reference.topk_lower_index(x, k, index)
+    if (
+        x.dtype == torch.float32 and x.device.type == "cpu" and k < x.shape[-1] and x.numel() > 0
+        and not torch.compiler.is_compiling()
+    ):
+        return topk_distinct_first(x, k, index, wide)
+    return topk_keyed(x, k, index)

@@ -1,0 +1,226 @@
+"""Read-only value tables in fewer bytes per row, for inference: :func:`quantize_values_`.
+
+A value read is memory-bound (a 1M-slot table of width 1024 is 4 GiB in float32), so
+storing the rows in bfloat16, float16, int8 or int4 shrinks the table 2x, 2x, ~4x or
+~7x. On CPU the int8 and int4 reads are PyTorch's own fbgemm embedding-bag kernels
+(``torch.ops.quantized.embedding_bag_byte_rowwise_offsets`` /
+``embedding_bag_4bit_rowwise_offsets``), which dequantize each row as they sum it; on
+other devices, and as the reference in tests, a plain-torch read gathers the rows and
+dequantizes them (:func:`dequantize_rows`).
+
+Row formats (fbgemm's fused layouts, so the CPU kernels read the buffer as is):
+
+* ``int8``: ``dim`` uint8 codes, then a float32 scale and a float32 offset;
+  ``row = code * scale + offset`` with ``offset = min(row)``, ``scale = (max - min) / 255``.
+* ``int4``: ``dim / 2`` bytes, two codes each (element ``2i`` in the low nibble), then a
+  float16 scale and a float16 offset; ``offset = fp16(min)``,
+  ``scale = fp16((max - offset) / 15)`` (1 for a constant row).
+* ``bfloat16`` / ``float16``: the rows cast, read with ``F.embedding_bag``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.quantized_read import FORMATS as QUANTIZED_FORMATS
+from ..ops.quantized_read import HALF_DTYPES as _HALF
+from ..ops.quantized_read import dequantize_rows, quantize_rows, quantized_read, row_bytes
+from .base import ValueTable
+
+__all__ = ["QuantizedValues", "quantize_values_", "quantize_rows", "dequantize_rows", "row_bytes", "QUANTIZED_FORMATS"]
+
+_ALIASES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.int8: "int8", "int4": "int4"}
+_ALIASES.update((f, f) for f in QUANTIZED_FORMATS)  # the format names themselves
+# rows quantized at a time: bounds the float32 temporaries of a multi-GiB table to ~64 MiB
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _format_of(dtype) -> str:
+    fmt = _ALIASES.get(dtype) if isinstance(dtype, (torch.dtype, str)) else None
+    if fmt is None:
+        raise ValueError(
+            f"dtype must be one of torch.bfloat16, torch.float16, torch.int8, 'int4' (or the names 'bfloat16', 'float16', 'int8'); got {dtype!r}"
+        )
+    return fmt
+
+
+class QuantizedValues(ValueTable):
+    r"""A read-only value table stored in ``bfloat16``, ``float16``, ``int8`` or ``int4``.
+
+    Made by :func:`quantize_values_` (or :meth:`from_float`) from a float table. It has no
+    parameters: the table gets no gradient (``trainable`` is accepted and ignored,
+    ``sparse`` is always ``False``), but the output is differentiable with respect to
+    the read weights, so the keys and the query network can be fine-tuned against a
+    frozen quantized table.
+
+    Storage (buffers, so ``state_dict`` holds them; a model quantized the same way
+    loads them): ``weight`` ``(num_slots, dim)`` in the half dtype, or ``packed``
+    ``(num_slots, row_bytes)`` uint8 in fbgemm's fused row-wise layout (module
+    docstring). Bytes per row: ``2 dim``, ``dim + 8`` (int8), ``dim / 2 + 4`` (int4).
+
+    Reads: on CPU, ``F.embedding_bag`` on the half table and fbgemm's quantized
+    embedding-bag kernels for int8 / int4; elsewhere the rows are gathered and
+    dequantized in plain torch (:func:`dequantize_rows`). The sums are in float32 and
+    the output has ``out_dtype``, the dtype of the float table it was made from.
+
+    Error per stored element ``x`` of a row with range ``[lo, hi]`` (what the tests check):
+
+    * ``int8``: ``|x - x'| <= (hi - lo) / 255 / 2`` (plus float32 rounding);
+    * ``int4``: ``|x - x'| <= s / 2`` with ``s = fp16((hi - fp16(lo)) / 15)``, i.e. about
+      ``(hi - lo) / 15 / 2``, plus ``|lo - fp16(lo)|`` when the top code saturates;
+    * ``bfloat16``: ``|x - x'| <= 2**-8 |x|``; ``float16``: ``2**-11 |x|`` (round to nearest,
+      half an ulp; float16 has subnormals below ``2**-14`` and overflows past 65504).
+
+    A half-format read also rounds the read weights and the output to the half dtype
+    (``F.embedding_bag`` takes weights of the table's dtype): about ``2 u sum |w| |row|``
+    more, ``u`` the unit roundoff above.
+
+    Measured at the README layer (``dim=512, heads=4, num_keys=256, topk=32``, random
+    input, rows ~ N(0, 1/512)), error of the layer output relative to its float32 RMS:
+    the README's "Inference" and ``benchmarks/README.md`` (``benchmarks/bench_inference.py`` prints them).
+
+    Args:
+        num_slots, dim: table size.
+
+    Keyword-only args:
+        format: one of :data:`QUANTIZED_FORMATS`.
+        out_dtype: float dtype of the read's output (default float32).
+        device: where the buffers live.
+    """
+
+    supports_sparse_grad = False
+
+    def __init__(self, num_slots: int, dim: int, *, format: str, out_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__(num_slots, dim)
+        fmt = _format_of(format)
+        if fmt == "int4" and dim % 2:
+            raise ValueError(f"int4 needs an even dim, got dim={dim}")
+        if not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+            raise TypeError(f"out_dtype must be a float torch.dtype, got {out_dtype!r}")
+        self.format = fmt
+        self.out_dtype = out_dtype
+        if fmt in _HALF:
+            self.register_buffer("weight", torch.zeros(num_slots, dim, dtype=_HALF[fmt], device=device))
+        else:
+            self.register_buffer("packed", torch.zeros(num_slots, row_bytes(fmt, dim), dtype=torch.uint8, device=device))
+
+    @classmethod
+    def from_float(cls, weight: Tensor, format) -> "QuantizedValues":
+        """The quantized copy of a float ``(num_slots, dim)`` table (same device), packed in row chunks."""
+        if not (isinstance(weight, Tensor) and weight.dim() == 2 and weight.is_floating_point()):
+            raise ValueError(f"weight must be a float (num_slots, dim) tensor, got {getattr(weight, 'shape', weight)!r}")
+        fmt = _format_of(format)
+        num_slots, dim = weight.shape
+        table = cls(num_slots, dim, format=fmt, out_dtype=weight.dtype, device=weight.device)
+        store = table.weight if fmt in _HALF else table.packed
+        step = max(1, _CHUNK_ELEMENTS // dim)
+        with torch.no_grad():
+            for start in range(0, num_slots, step):
+                rows = weight[start : start + step]
+                store[start : start + step] = rows.to(store.dtype) if fmt in _HALF else quantize_rows(rows, fmt)
+        return table
+
+    def nbytes(self) -> int:
+        """Bytes of the stored table."""
+        store = self.weight if self.format in _HALF else self.packed
+        return store.numel() * store.element_size()
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The whole table as float ``(num_slots, dim)`` (tests and inspection; allocates it)."""
+        if self.format in _HALF:
+            return self.weight.to(dtype)
+        return dequantize_rows(self.packed, self.format, self.dim, dtype)
+
+    def reset_parameters(self) -> None:
+        """Nothing to reset: the table is read-only (quantize a freshly initialised float table instead)."""
+
+    def value_parameters(self):
+        return iter(())
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def read(self, indices: Tensor, weights: Optional[Tensor], *, trainable: Optional[Tensor] = None) -> Tensor:
+        # trainable: no row of a quantized table learns, so it changes nothing
+        if indices.dim() < 1 or (weights is not None and weights.shape != indices.shape):
+            got = None if weights is None else tuple(weights.shape)
+            raise ValueError(f"indices (..., m) and weights of the same shape expected, got {tuple(indices.shape)}, {got}")
+        lead, m = indices.shape[:-1], indices.shape[-1]
+        w = None if weights is None else weights.reshape(-1, m)
+        out = quantized_read(self._store, self.format, self.dim, indices.reshape(-1, m), w, self.out_dtype)
+        return out.view(*lead, self.dim)
+
+    @property
+    def _store(self) -> Tensor:
+        return self.weight if self.format in _HALF else self.packed
+
+    def extra_repr(self) -> str:
+        s = f"num_slots={self.num_slots}, dim={self.dim}, format={self.format!r}"
+        return s + (f", out_dtype={self.out_dtype}" if self.out_dtype != torch.float32 else "")
+
+
+def _quantized_version(table: nn.Module, fmt: str, path: str) -> ValueTable:
+    if isinstance(table, QuantizedValues):
+        raise TypeError(f"quantize_values_: the table at {path or '<model>'!r} is already quantized ({table.format})")
+    hook = getattr(table, "quantized", None)
+    if callable(hook):  # a table type of one's own decides how it quantizes
+        return hook(fmt)
+    weight = getattr(table, "weight", None)
+    if type(table).__name__ == "ShardedValues" or not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise TypeError(
+            f"quantize_values_: cannot quantize the value table at {path or '<model>'!r} "
+            f"({type(table).__name__}): it has no (num_slots, dim) float weight; give its class a "
+            f"quantized(format) method returning a read-only ValueTable"
+        )
+    return QuantizedValues.from_float(weight.detach(), fmt)
+
+
+def quantize_values_(model: nn.Module, dtype: Union[torch.dtype, str]) -> nn.Module:
+    """Replace every value table of ``model`` by a read-only quantized copy, in place.
+
+    Every :class:`~product_key_memory.ValueTable` found in ``model.named_modules()``
+    becomes a :class:`QuantizedValues` on its parent module(s); a table shared by several
+    layers becomes one quantized table shared by the same layers. The float tables are
+    freed once nothing else (e.g. an optimizer) holds them.
+
+    Args:
+        model: any module holding value tables (or a table itself, returned converted).
+        dtype: ``torch.bfloat16``, ``torch.float16``, ``torch.int8`` (or ``"int8"``), ``"int4"``.
+
+    Returns:
+        ``model`` (or the new table when ``model`` is itself a table).
+
+    A quantized checkpoint loads into a freshly built float model after the same call::
+
+        model = build_model()                 # float tables
+        quantize_values_(model, torch.int8)   # the same buffers as the saved model
+        model.load_state_dict(torch.load("quantized.pt"))
+
+    A model without any :class:`~product_key_memory.ValueTable` raises ``ValueError``.
+    Tables of other types need a ``quantized(format)`` method (``format`` one of
+    :data:`QUANTIZED_FORMATS`); without it, and for ``ShardedValues``, this raises
+    ``TypeError`` naming the table's path.
+    """
+    fmt = _format_of(dtype)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, ValueTable):
+        return _quantized_version(model, fmt, "")
+    done: Dict[int, ValueTable] = {}
+    # every (parent, attribute) that holds a table; named_modules lists a shared table once
+    for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, ValueTable):
+                continue
+            path = f"{parent_name}.{name}" if parent_name else name
+            if id(child) not in done:
+                done[id(child)] = _quantized_version(child, fmt, path)
+            setattr(parent, name, done[id(child)])
+    if not done:
+        raise ValueError(
+            f"quantize_values_: no ValueTable found in {type(model).__name__}; value tables are found by "
+            f"isinstance(module, ValueTable) (a PKM whose values are a plain nn.EmbeddingBag has none)"
+        )
+    return model
