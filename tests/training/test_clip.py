@@ -1,6 +1,6 @@
 """clip_grad_norm_ against torch.nn.utils.clip_grad_norm_ (dense) and the dense equivalent (sparse).
 
-The sharded case runs in tests/test_distributed.py (2 gloo processes against one).
+The sharded case runs in tests/training/test_distributed.py (2 gloo processes against one).
 """
 
 import math

@@ -5,7 +5,7 @@ import torch
 
 from product_key_memory import PKM, ProductKeyMemory
 
-from .reference import reference_pkm
+from ..reference import reference_pkm
 
 SMALL = dict(dim=12, heads=2, num_keys=8, topk=3, dim_head=4)
 FLAGS = ("pre_layernorm", "norm_output", "non_competitive_gates", "concat_values_and_combine")
