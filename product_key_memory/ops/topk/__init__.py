@@ -3,9 +3,11 @@ search and the KNN memory. :func:`topk_lower_index` is the one entry; it routes:
 
 * values that need a gradient, and float64 without one: :mod:`.reference` (a stable sort);
 * while ``torch.export`` traces: :mod:`.export` (ops the ONNX exporter translates);
-* float32 on CPU in eager mode: :func:`.torch_impl.topk_distinct_first` (a plain ``topk`` for rows
-  without a tie near the top, the keyed top-k for the rest);
-* otherwise: :func:`.torch_impl.topk_keyed` (score code and index in one int64 key).
+* under ``torch.compile``: :func:`.torch_impl.topk_keyed` (score code and index in one int64 key;
+  no data-dependent branch);
+* float32 on CPU: :func:`.torch_impl.topk_distinct_first` (a plain ``topk`` for rows without a tie
+  near the top, the keyed top-k for the rest);
+* otherwise: :func:`.torch_impl.topk_keyed`.
 
 Every route returns the same values and indices as :mod:`.reference`.
 """
@@ -44,9 +46,10 @@ def topk_lower_index(
         return export.topk_lower_index(x, k, index)
     if x.dtype == torch.float64 or (x.requires_grad and torch.is_grad_enabled()):
         return reference.topk_lower_index(x, k, index)
-    if (
-        x.dtype == torch.float32 and x.device.type == "cpu" and k < x.shape[-1] and x.numel() > 0
-        and not torch.compiler.is_compiling()
-    ):
+    if torch.compiler.is_compiling():
+        # no data-dependent branch in a graph, and positions made here: the cached ones are built
+        # outside inference mode, which tracing cannot follow
+        return topk_keyed(x, k, torch.arange(x.shape[-1], device=x.device) if index is None else index)
+    if x.dtype == torch.float32 and x.device.type == "cpu" and k < x.shape[-1] and x.numel() > 0:
         return topk_distinct_first(x, k, index, wide)
     return topk_keyed(x, k, index)

@@ -34,9 +34,10 @@ def _from_order_code(code: Tensor) -> Tensor:
 
 
 def topk_distinct_first(x: Tensor, k: int, index: Optional[Tensor], wide: bool = False) -> Tuple[Tensor, Tensor]:
-    """The tie-ruled top-k by a plain ``topk`` where no row has a tie near the top (float32). With
-    ``wide``, the answer may hold one more column (the ``k + 1``-th best), for a caller that
-    reads only the first ``k``: two slices fewer."""
+    """The tie-ruled top-k of float32 ``x`` ``(..., n)``, ``k < n``, ``x`` not empty: a plain ``topk``
+    where no row has a tie near the top, :func:`topk_keyed` for the rows that have one. Returns
+    ``values, indices`` ``(..., k)``; with ``wide`` they may hold one more column (the ``k + 1``-th
+    best), for a caller that reads only the first ``k``: two slices fewer."""
     v, pos = x.topk(k + 1, dim=-1)
     # strictly decreasing in every row: each step down is < 0, so the largest is (a tie gives 0,
     # a NaN gives NaN, and neither is < 0): one reduction and one read back for all rows
@@ -57,11 +58,13 @@ def topk_distinct_first(x: Tensor, k: int, index: Optional[Tensor], wide: bool =
 
 
 def topk_keyed(x: Tensor, k: int, index: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """The tie-ruled top-k of float32 (or lower) ``x`` by one ``topk`` over int64 keys: the order
-    code of each value in the high word, the complement of its index in the low word."""
+    """The tie-ruled top-k of float32 (or lower) ``x`` ``(..., n)`` by one ``topk`` over int64 keys:
+    the order code of each value in the high word, the complement of its index in the low word.
+    Returns ``values`` (in ``x``'s dtype) and ``indices``, ``(..., k)``."""
     low = _low_positions(x.shape[-1], x.device) if index is None else _LOW32 - index
     best = ((_order_code(x) << 32) | low).topk(k, dim=-1).values
-    return _from_order_code(best >> 32), _LOW32 - (best & _LOW32)
+    values = _from_order_code(best >> 32)  # float32, exactly the values picked
+    return values if x.dtype == torch.float32 else values.to(x.dtype), _LOW32 - (best & _LOW32)
 
 
 @functools.lru_cache(maxsize=64)
