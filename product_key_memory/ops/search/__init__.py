@@ -12,7 +12,8 @@ Implementations: :mod:`.reference` (the specification), :mod:`.torch_impl`, :mod
    plain ops (:func:`product_topk` with the exportable top-k), so exported graphs hold no
    custom op and the ONNX exporter translates them;
 2. with a ``subkey_topk`` (a differentiable top-k) or Gumbel noise: sub-key scores as a
-   differentiable tensor (:func:`subkey_scores`), then :func:`product_topk`;
+   differentiable tensor (:func:`subkey_scores`), then :func:`product_topk` (in eager mode under
+   ``use_backend("reference")``, both are :mod:`.reference`'s);
 3. when a gradient is wanted, or under ``torch.compile``: the custom op, whose implementation
    asks the backend switch at run time (never in traced code);
 4. otherwise (no gradient, eager): the implementation directly, without the dispatcher.
@@ -50,6 +51,11 @@ def _implementation(queries: Tensor, keys: Tensor):
     from . import triton_impl  # imports Triton only when used
 
     return triton_impl
+
+
+def _reference_backend(device: torch.device) -> bool:
+    # the switch is a ContextVar, which traced code cannot read: compiled graphs hold the fast ops
+    return not torch.compiler.is_compiling() and backend_for(device) == "reference"
 
 
 def _run(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
@@ -146,12 +152,12 @@ def subkey_scores(queries: Tensor, keys: Tensor) -> Tensor:
         ``(..., heads, 2, num_keys)`` in float32 (float64 for float64 input), computed outside
         autocast so mixed precision never lowers score precision.
     """
-    if torch.compiler.is_compiling() or backend_for(queries.device) != "reference":
-        dtype = reference.score_dtype(queries, keys)
-        lead, (heads, _, dim_key) = queries.shape[:-3], queries.shape[-3:]
-        s1, s2 = torch_impl.half_scores(queries.reshape(-1, heads, 2, dim_key), keys, dtype)  # (H, N, K) each
-        return torch.stack((s1, s2), dim=2).transpose(0, 1).reshape(*lead, heads, 2, keys.shape[-2])
-    return reference.subkey_scores(queries, keys)
+    if _reference_backend(queries.device):
+        return reference.subkey_scores(queries, keys)
+    dtype = reference.score_dtype(queries, keys)
+    lead, (heads, _, dim_key) = queries.shape[:-3], queries.shape[-3:]
+    s1, s2 = torch_impl.half_scores(queries.reshape(-1, heads, 2, dim_key), keys, dtype)  # (H, N, K) each
+    return torch.stack((s1, s2), dim=2).transpose(0, 1).reshape(*lead, heads, 2, keys.shape[-2])
 
 
 def product_topk(sub_scores: Tensor, topk: int, *, subkey_topk: Optional[TopkFn] = None) -> Tuple[Tensor, Tensor]:
@@ -161,6 +167,8 @@ def product_topk(sub_scores: Tensor, topk: int, *, subkey_topk: Optional[TopkFn]
 
     Returns ``scores, slots`` ``(..., heads, topk)``; ``scores`` carry the gradient of ``sub_scores``.
     """
+    if _reference_backend(sub_scores.device):
+        return reference.product_topk(sub_scores, topk, subkey_topk=subkey_topk)
     num_keys = sub_scores.shape[-1]
     best, best_idx = (topk_lower_index if subkey_topk is None else subkey_topk)(sub_scores, topk)
     (s1, s2), (i1, i2) = best.unbind(-2), best_idx.unbind(-2)

@@ -7,7 +7,7 @@ On equal scores the lower slot wins (:func:`..topk.reference.topk_lower_index`).
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -19,11 +19,12 @@ __all__ = ["score_dtype", "subkey_scores", "product_topk", "search", "brute_forc
 TopkFn = Callable[[Tensor, int], Tuple[Tensor, Tensor]]
 
 
-def score_dtype(*tensors: Tensor) -> torch.dtype:
-    """Scores are never computed below float32; float64 stays float64 (gradcheck)."""
+def score_dtype(*tensors: Union[Tensor, torch.dtype]) -> torch.dtype:
+    """The dtype scores are computed in, for queries and keys (tensors or dtypes): never below
+    float32; float64 stays float64 (gradcheck). The one statement of the rule: every backend asks it."""
     dtype = torch.float32
     for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
+        dtype = torch.promote_types(dtype, t if isinstance(t, torch.dtype) else t.dtype)
     return dtype
 
 

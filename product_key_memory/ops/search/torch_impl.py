@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .._buffers import outside_inference_mode
 from ..topk import topk_lower_index
+from . import reference
 
 __all__ = ["cached_candidate_pairs", "half_scores", "search", "search_heads_first"]
 
@@ -31,9 +32,8 @@ def cached_candidate_pairs(topk: int, device: torch.device) -> Tensor:
         return torch.tensor(pairs, dtype=torch.long, device=device).t().contiguous()
 
 
-@functools.lru_cache(maxsize=None)
-def _score_dtype(queries: torch.dtype, keys: torch.dtype) -> torch.dtype:
-    return torch.promote_types(torch.promote_types(queries, keys), torch.float32)
+# reference.score_dtype per (queries, keys) dtype pair, cached: asked on every search
+_score_dtype = functools.lru_cache(maxsize=None)(reference.score_dtype)
 
 
 def half_scores(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
