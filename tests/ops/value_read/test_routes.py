@@ -1,7 +1,11 @@
+"""The size rule that picks the torch backend's dense read backward (ops/value_read/routes.py), and
+both routes against reference.py."""
+
 import pytest
 import torch
 
-from product_key_memory._routes import READ_BACKWARDS, choose_read_backward
+from product_key_memory.ops.value_read import reference, torch_impl
+from product_key_memory.ops.value_read.routes import READ_BACKWARDS, choose_read_backward
 
 
 def test_small_table_few_reads_take_embedding_bag_on_one_thread():
@@ -41,8 +45,6 @@ def test_every_answer_is_a_known_route_and_bad_sizes_raise():
 
 @pytest.mark.parametrize("with_weights, with_trainable", [(True, False), (True, True), (False, False)])
 def test_both_read_backward_routes_give_the_same_gradients(with_weights, with_trainable):
-    from product_key_memory.ops import cpu, reference
-
     values = torch.randn(64, 8, dtype=torch.float64)
     idx = torch.randint(0, 64, (10, 6))
     w = torch.rand(10, 6, dtype=torch.float64) if with_weights else None
@@ -51,8 +53,8 @@ def test_both_read_backward_routes_give_the_same_gradients(with_weights, with_tr
     trainable = (torch.rand(64) > 0.3) if with_trainable else None
     g = torch.randn(10, 8, dtype=torch.float64)
     want = reference.value_read_backward(g, values, idx, w, trainable, True, True)
-    bag = cpu.value_read_backward_bag(g, values, idx, w, trainable, True)
-    srt = cpu.value_read_backward_sorted(g, values, idx, w, trainable, True, True)
+    bag = torch_impl.value_read_backward_bag(g, values, idx, w, trainable, True)
+    srt = torch_impl.value_read_backward_sorted(g, values, idx, w, trainable, True, True)
     for name, got in (("embedding_bag", bag), ("sorted", srt)):
         torch.testing.assert_close(got[0], want[0], msg=f"{name} route: value gradient")
         if w is None:
@@ -63,11 +65,10 @@ def test_both_read_backward_routes_give_the_same_gradients(with_weights, with_tr
 
 def test_small_table_backward_takes_the_embedding_bag_route(monkeypatch):
     from product_key_memory import functional as PF
-    from product_key_memory.ops import cpu
 
     calls = []
-    real = cpu.value_read_backward_bag
-    monkeypatch.setattr(cpu, "value_read_backward_bag", lambda *a: calls.append(1) or real(*a))
+    real = torch_impl.value_read_backward_bag
+    monkeypatch.setattr(torch_impl, "value_read_backward_bag", lambda *a: calls.append(1) or real(*a))
     values = torch.randn(128, 16, requires_grad=True)
     w = torch.rand(4, 8, requires_grad=True)
     threads = torch.get_num_threads()
