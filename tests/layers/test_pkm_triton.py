@@ -2,8 +2,8 @@
 
 Forward output and every parameter gradient, then two ``SparseRowAdam`` steps from
 ``build_optimizer``. Without CUDA the kernels run on CPU tensors under
-``TRITON_INTERPRET=1`` (set in conftest.py) at small sizes; tests marked ``cuda`` repeat
-them at the README size on a GPU.
+``TRITON_INTERPRET=1`` (set below, as tests/ops/conftest.py does for the op tests) at small sizes;
+tests marked ``cuda`` repeat them at the README size on a GPU.
 """
 
 import copy
@@ -16,6 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 from torch.testing import assert_close
+
+if not torch.cuda.is_available():
+    # before any kernel is defined (the kernel modules are imported at their first launch)
+    os.environ["TRITON_INTERPRET"] = "1"
 
 pytest.importorskip("triton")
 
