@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from product_key_memory.ops import cpu  # noqa: E402
+from product_key_memory.ops.value_read import torch_impl as cpu  # noqa: E402
 
 M = 128
 
