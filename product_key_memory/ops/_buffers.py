@@ -51,10 +51,10 @@ def _madvise():
 def empty_hugepage(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``torch.empty`` that asks Linux to back a large CPU buffer with transparent huge pages.
 
-    A value gradient or an optimizer state is tens of MiB to GiB of freshly mapped
-    memory; faulting it in 2 MiB pages instead of 4 KiB ones is several times
-    faster and makes later random row accesses miss the TLB far less (what
-    ``THP_MEM_ALLOC_ENABLE=1`` does for every torch allocation, here only for these
+    ``shape`` on ``device``, uninitialised. A value gradient or an optimizer state is tens of MiB
+    to GiB of freshly mapped memory; on Linux a CPU buffer of at least 8 MiB is ``madvise``d to
+    2 MiB pages, which fault in faster than 4 KiB ones and make later random row accesses miss the
+    TLB less (what ``THP_MEM_ALLOC_ENABLE=1`` does for every torch allocation, here only for these
     buffers). A hint only: elsewhere, or if the kernel declines, this is ``torch.empty``.
     """
     t = torch.empty(*shape, dtype=dtype, device=device)
@@ -68,17 +68,17 @@ def empty_hugepage(*shape: int, dtype: torch.dtype, device: torch.device) -> Ten
 
 
 def zeros_hugepage(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``torch.zeros`` for a large CPU gradient, without a pass that writes the zeros.
+    """``torch.zeros(*shape, dtype=dtype, device=device)`` for a large CPU gradient, without a pass
+    that writes the zeros.
 
     On Linux a buffer over 32 MiB is fresh anonymous memory (``mmap``), which the kernel hands out
     zeroed page by page as it is first touched, hinted to huge pages: ``zeros`` would fault the pages
     in (the kernel zeroes each) and then write every byte again. glibc maps every allocation over
-    32 MiB afresh anyway, so the faults are paid either way and the second pass is saved (a 512 MiB
-    gradient with 100,000 of its 262,144 rows written, then read through once: 1.1-1.2x faster than
-    ``empty_hugepage(...).zero_()``, 1.9-2.3x faster than ``torch.zeros``). Smaller buffers may come
-    back from memory glibc already holds, where zeroing in place beats faulting fresh pages (a 32 MiB
-    gradient ran 0.8x of 0.3.0 that way), so they are ``empty_hugepage(...).zero_()``. The memory is
-    returned to the system when the tensor is freed. Off Linux, or off the CPU, ``torch.zeros``.
+    32 MiB afresh anyway, so the faults are paid either way and the second pass is saved. Smaller
+    buffers may come back from memory glibc already holds, where zeroing in place beats faulting
+    fresh pages, so they are ``empty_hugepage(...).zero_()`` (both measured in benchmarks/README.md).
+    The memory is returned to the system when the tensor is freed. Off Linux, or off the CPU,
+    ``torch.zeros``.
     """
     device = torch.device(device)
     numel = 1

@@ -65,7 +65,7 @@ def search_heads_first(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor
     v, i = topk_lower_index(sub, topk, wide=True)
     heads, n = v.shape[1:3]
     ab = _candidate_pair_stack(topk, queries.device).expand(2, heads, n, -1)  # (2, H, N, P): half p's positions
-    # gather, not indexing or index_select: 2-3x faster from 16 rows up, and no slower on one
+    # gather, not indexing or index_select: faster from 16 rows up, no slower on one (benchmarks/README.md)
     if heads * n <= _FEW_ROWS:  # both halves in one gather each: fewer calls, which is what a decoding step costs
         cand = v.gather(-1, ab).sum(0)  # (H, N, P): the same sums (x + y, exactly)
         cand_slots = i.gather(-1, ab).mul_(_slot_strides(num_keys, queries.device)).sum(0)
@@ -103,8 +103,9 @@ def _both_half_scores(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tens
     if n == 1 and k.stride(2) == d and k.stride(1) == 2 * d:
         # one token (a decoding step): each head's keys as one contiguous (num_keys, 2d) matrix times
         # both half-queries, each placed in its own half of a 2d-vector (zeros in the other). Twice
-        # the multiply-adds, but a layout BLAS runs ~1.3x faster than the two strided products (the
-        # zeros add nothing; the sums come in another order, as from any other GEMM shape)
+        # the multiply-adds, in a layout BLAS runs faster than the two strided products at one token
+        # (benchmarks/README.md; the zeros add nothing; the sums come in another order, as from any
+        # other GEMM shape)
         lhs = torch.empty(heads, 2, 2, d, dtype=dtype, device=q.device)
         torch.mul(q[0].transpose(0, 1).unsqueeze(2), _half_blocks(dtype, q.device), out=lhs)  # (H, 2, 2, d)
         scores = torch.bmm(lhs.view(heads, 2, 2 * d), k.view(heads, num_keys, 2 * d).transpose(1, 2))

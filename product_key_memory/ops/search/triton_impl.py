@@ -13,7 +13,7 @@ distinct, and the score decodes back exactly from the key. ``-0.0`` is folded in
   thread at 4 warps).
 * Top-k is ``topk`` rounds of max extraction (:func:`_select_topk`): plain reductions,
   no ``tl.sort`` (whose compare-and-swap reduction the interpreter runs element by
-  element in Python, 100x slower; on a GPU a bitonic sort is the alternative to time).
+  element in Python: benchmarks/README.md; on a GPU a bitonic sort is the alternative to time).
 * The final top-k runs over the ``TOPK_P x TOPK_P`` grid of candidate sums with every
   pair ``(a + 1) * (b + 1) > topk`` masked to INT64_MIN (``ops.search.candidate_pairs``);
   the pruning stays exact under the lexicographic (score, -slot) order.

@@ -33,11 +33,13 @@ __all__ = [
 
 
 def _weight_grad(grad_out: Tensor, values: Tensor, m: int, slots: Tensor, order: Tensor) -> Tensor:
-    """``d out / d weights``: each read's dot product of its bag's output gradient with its row.
+    """``d out / d weights``, ``(bags * m,)`` in read order: each read's dot product of its bag's
+    output gradient ``grad_out (bags, dim)`` with its row.
 
-    Computed in slot order, so the table is walked front to back and a row read by
-    several bags is fetched once from memory: about 3x faster than in read order on
-    a table larger than the cache (the same numbers, each dot product is unchanged).
+    ``slots`` are the flat reads sorted (``order`` their read positions), so the table is walked
+    front to back and a row read by several bags is fetched once from memory (faster than in read
+    order on a table larger than the cache: measured in benchmarks/README.md); each dot product is
+    the same.
     """
     offsets = torch.zeros(1, dtype=slots.dtype, device=slots.device)  # only checked, not used, by the kernel
     bag_of_read = order.div(m, rounding_mode="floor")
@@ -72,19 +74,19 @@ def _touched_reads(
 def _rows_from_bags(g: Tensor, counts: Tensor, bag_of_read: Tensor, psw: Tensor) -> Tensor:
     """Row ``u`` = sum of ``psw[j] * g[bag_of_read[j]]`` over the ``counts[u]`` reads ``j`` of row ``u``.
 
-    One ``embedding_bag`` over the output gradient with a bag per touched row. (An MKL
-    CSR ``addmm`` was tried here: no faster when interleaved with this, and linked to
-    an occasional SIGABRT at interpreter exit under torchrun.)
+    ``g (bags, dim)``, ``counts (U,)``, ``bag_of_read`` and ``psw`` ``(sum(counts),)`` ->
+    ``(U, dim)``: one ``embedding_bag`` over the output gradient with a bag per touched row.
     """
     offsets = counts.cumsum(0) - counts
     return F.embedding_bag(bag_of_read, g, offsets, mode="sum", per_sample_weights=psw)
 
 
 def value_read(values: Tensor, indices: Tensor, weights: Optional[Tensor]) -> Tensor:
-    """``out[b] = sum_j weights[b, j] * values[indices[b, j]]``: one ``embedding_bag``.
+    """``values (num_slots, dim)``, ``indices (bags, m)``, ``weights (bags, m)`` or ``None`` ->
+    ``out (bags, dim)``, ``out[b] = sum_j weights[b, j] * values[indices[b, j]]``, in ``values.dtype``.
 
-    ``F.embedding_bag`` without its Python wrapper (what it does for 2-D ``indices``, with
-    the bag offsets of CPU reads cached): at a decoding step the wrapper took longer than the read.
+    One ``embedding_bag`` without ``F.embedding_bag``'s Python wrapper (what it does for 2-D
+    ``indices``), the bag offsets of CPU reads cached; the weights are cast to the table's dtype.
     """
     bags = indices.shape[0]
     return value_read_flat(values, indices.reshape(-1), None if weights is None else weights.reshape(-1), bags)
@@ -141,7 +143,7 @@ def value_read_backward(
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """``(grad_values, grad_weights)``, dense; ``None`` for a gradient not asked for.
 
-    The route is chosen by size (:func:`~product_key_memory._routes.choose_read_backward`):
+    The route is chosen by size (:func:`.routes.choose_read_backward`):
     :func:`value_read_backward_sorted`, or :func:`value_read_backward_bag` (each read added straight
     into the zeroed gradient) for a small table on one thread and for wide rows read 1-8 times each.
     """
