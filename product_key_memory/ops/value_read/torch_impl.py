@@ -99,7 +99,8 @@ def value_read_flat(values: Tensor, indices: Tensor, weights: Optional[Tensor], 
     m = indices.shape[0] // bags if bags else 0
     if m == 0:  # empty bags sum to zero
         return values.new_zeros(bags, values.shape[1])
-    if indices.device.type == "cpu" and bags <= _MAX_CACHED_BAGS and not torch.compiler.is_compiling():
+    # never traced: the entry hands compiled code the custom op, whose implementation runs eagerly
+    if indices.device.type == "cpu" and bags <= _MAX_CACHED_BAGS:
         offsets = _bag_offsets(bags, m, indices.dtype)
     else:
         offsets = torch.arange(0, bags * m, m, dtype=indices.dtype, device=indices.device)
