@@ -1,10 +1,11 @@
 """The read of a quantized value table in fast PyTorch ops.
 
-On CPU: ``F.embedding_bag`` (without its Python wrapper) on a half table, and PyTorch's fbgemm
-embedding-bag kernels for int8 / int4 (``torch.ops.quantized.embedding_bag_byte_rowwise_offsets``
-/ ``embedding_bag_4bit_rowwise_offsets``), which dequantize each row as they sum it, in float32.
-Elsewhere: :func:`.reference.read`. A half-format read rounds the weights and the sums to the
-half dtype (``F.embedding_bag`` takes weights of the table's dtype).
+On CPU: a half table through the value read's entry (:func:`..value_read.value_read`, on its
+backend), and PyTorch's fbgemm embedding-bag kernels for int8 / int4
+(``torch.ops.quantized.embedding_bag_byte_rowwise_offsets`` / ``embedding_bag_4bit_rowwise_offsets``),
+which dequantize each row as they sum it, in float32. Elsewhere: :func:`.reference.read`. A
+half-format read on the torch backend rounds the weights and the sums to the half dtype
+(``embedding_bag`` takes weights of the table's dtype).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..value_read import torch_impl as read_impl
+from ..value_read import value_read
 from . import reference
 from .reference import HALF_DTYPES
 
@@ -28,7 +29,7 @@ def read(
     if indices.device.type != "cpu":
         return reference.read(store, fmt, dim, indices, weights, out_dtype)
     if fmt in HALF_DTYPES:
-        out = read_impl.value_read(store, indices, weights)
+        out = value_read(store, indices, weights)  # the value read's entry: its backend, no gradient here
     else:
         op = (
             torch.ops.quantized.embedding_bag_byte_rowwise_offsets
