@@ -31,7 +31,8 @@ def test_backend_choice_and_errors():
         assert not PF.fast_path_enabled()
         with use_backend(None):
             assert ops.backend_for(torch.device("cpu")) == "torch"
-    with pytest.raises(ValueError, match=r"backend must be one of \('reference', 'torch', 'triton'\) or None, got 'cuda'"):
+    message = r"backend must be one of \('reference', 'torch', 'triton'\) or None, got 'cuda'"
+    with pytest.raises(ValueError, match=message):
         with use_backend("cuda"):
             pass
 
@@ -99,7 +100,9 @@ def _run(pkm, x, ref, **kw):
     with PF.reference_path(ref):
         out = pkm(x, **kw)
         out.backward(torch.ones_like(out) + torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype))
-    grads = {n: (p.grad.to_dense() if p.grad.is_sparse else p.grad) for n, p in pkm.named_parameters() if p.grad is not None}
+    grads = {
+        n: (p.grad.to_dense() if p.grad.is_sparse else p.grad) for n, p in pkm.named_parameters() if p.grad is not None
+    }
     return out.detach(), x.grad, grads
 
 

@@ -190,7 +190,8 @@ def candidate_pairs(topk: int, device: Optional[torch.device] = None) -> Tensor:
         a new long tensor ``(2, num_pairs)``: row 0 the positions in the first list, row 1 in
         the second (a copy: writing to it changes no search).
     """
-    return torch_impl.cached_candidate_pairs(topk, torch.device("cpu") if device is None else torch.device(device)).clone()
+    device = torch.device("cpu") if device is None else torch.device(device)
+    return torch_impl.cached_candidate_pairs(topk, device).clone()
 
 
 def gumbel_noise_like(t: Tensor) -> Tensor:

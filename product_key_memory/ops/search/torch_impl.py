@@ -9,7 +9,7 @@ candidate pairs instead of the ``topk ** 2`` grid, gathered. Checked against :mo
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor

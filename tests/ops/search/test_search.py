@@ -96,7 +96,8 @@ def test_implementations_equal_reference_exactly_on_ties(dtype):
     and the scores in the reference's dtype (``score_dtype``: float32, float64 for float64)."""
     q, keys = exact_inputs(6, 3, 10, 5, dtype)
     want = reference.search(q, keys, 7)
-    assert want[0].dtype == reference.score_dtype(q, keys) == (torch.float64 if dtype == torch.float64 else torch.float32)
+    want_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert want[0].dtype == reference.score_dtype(q, keys) == want_dtype
     check_exact(torch_impl.search(q, keys, 7), want, "torch_impl.search")
     s, i = torch_impl.search_heads_first(q.transpose(1, 2), keys.transpose(1, 2), 7)  # the layer's layouts
     check_exact((s.transpose(0, 1), i.transpose(0, 1)), want, "torch_impl.search_heads_first")

@@ -59,7 +59,9 @@ def read_inputs(S=20, D=6, B=7, m=3, dtype=torch.float32, weighted=True, masked=
     double=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_value_read_fast_equals_reference(lead, m, num_slots, dim, weighted, with_trainable, zero_frac, sparse, double, seed):
+def test_value_read_fast_equals_reference(
+    lead, m, num_slots, dim, weighted, with_trainable, zero_frac, sparse, double, seed
+):
     g = torch.Generator().manual_seed(seed)
     dtype = torch.float64 if double else torch.float32
     values = torch.randn(num_slots, dim, generator=g, dtype=dtype, requires_grad=True)
