@@ -80,11 +80,6 @@ def fast_path_enabled(device: Optional[torch.device] = None) -> bool:
     return _backend.backend_for(torch.device("cpu") if device is None else torch.device(device)) != "reference"
 
 
-def _score_dtype(dtype: torch.dtype) -> torch.dtype:
-    # scores are never computed below float32; float64 stays float64 (gradcheck)
-    return torch.promote_types(dtype, torch.float32)
-
-
 def subkey_scores(queries: Tensor, keys: Tensor) -> Tensor:
     """Dot products of every half-query with every sub-key of its head and half.
 
@@ -267,6 +262,6 @@ def qk_normalize(queries: Tensor, keys: Tensor) -> Tuple[Tensor, Tensor]:
     Returns:
         ``queries, keys`` to pass to :func:`subkey_scores`.
     """
-    dtype = _score_dtype(torch.promote_types(queries.dtype, keys.dtype))
+    dtype = _search_ref.score_dtype(queries, keys)
     scale = keys.shape[-1] ** 0.5
     return F.normalize(queries.to(dtype), dim=-1), F.normalize(keys.to(dtype), dim=-1) * scale
