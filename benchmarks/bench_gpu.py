@@ -72,7 +72,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from product_key_memory import PKM, build_optimizer, use_backend  # noqa: E402
-from product_key_memory.ops.value_read import torch_impl as cpu_backend  # noqa: E402
+from product_key_memory.ops import cpu as cpu_backend  # noqa: E402
 
 LAYER = dict(dim=512, heads=4, dim_head=128, topk=32)
 CONFIGS = {"readme": dict(num_keys=256, shape=(8, 1024, 512)), "keys1024": dict(num_keys=1024, shape=(8, 1024, 512))}
