@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.peer import load_peer  # noqa: E402
 from product_key_memory import PKM, quantize_values_  # noqa: E402
-from product_key_memory.quantized import row_bytes  # noqa: E402
+from product_key_memory.tables.quantized import row_bytes  # noqa: E402
 
 LAYER = dict(dim=512, heads=4, topk=32, dim_head=128)
 FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")

@@ -26,11 +26,12 @@ __all__ = ["FORMATS", "HALF_DTYPES", "row_bytes", "quantize_rows", "dequantize_r
 
 FORMATS = ("bfloat16", "float16", "int8", "int4")
 HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+_LEVELS = {"int8": 255, "int4": 15}
 
 
 def row_bytes(fmt: str, dim: int) -> int:
     """Bytes of one stored row: ``dim * 2`` (half formats), ``dim + 8`` (int8), ``dim / 2 + 4`` (int4)."""
-    if fmt in _HALF:
+    if fmt in HALF_DTYPES:
         return 2 * dim
     return dim + 8 if fmt == "int8" else dim // 2 + 4
 
