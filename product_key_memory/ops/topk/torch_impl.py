@@ -59,7 +59,12 @@ def topk_distinct_first(x: Tensor, k: int, index: Optional[Tensor], wide: bool =
 def topk_keyed(x: Tensor, k: int, index: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """The tie-ruled top-k of float32 (or lower) ``x`` by one ``topk`` over int64 keys: the order
     code of each value in the high word, the complement of its index in the low word."""
-    low = _low_positions(x.shape[-1], x.device) if index is None else _LOW32 - index
+    if index is not None:
+        low = _LOW32 - index
+    elif torch.compiler.is_compiling():
+        low = _LOW32 - torch.arange(x.shape[-1], device=x.device)
+    else:
+        low = _low_positions(x.shape[-1], x.device)
     best = ((_order_code(x) << 32) | low).topk(k, dim=-1).values
     return _from_order_code(best >> 32), _LOW32 - (best & _LOW32)
 
