@@ -53,7 +53,7 @@ def build(num_keys: int, seed: int = 0):
     torch.manual_seed(seed)
     ours = PKM(num_keys=num_keys, **LAYER).eval()
     theirs = peer.PKM(num_keys=num_keys, **LAYER).eval()
-    theirs.load_state_dict(ours.state_dict(), strict=True)
+    ours.load_state_dict(theirs.state_dict(), strict=True)  # 0.3.0 checkpoints load into this library
     layers = {"fp32": ours}
     for name, fmt in QUANT.items():
         layers[name] = quantize_values_(copy.deepcopy(ours), fmt)
