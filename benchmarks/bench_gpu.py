@@ -17,7 +17,7 @@ input (8, 1024, 512)) and ``keys1024`` (num_keys=1024: 1M slots); each in ``fp32
 under ``bf16`` autocast. Phases: ``forward`` (eval, no grad), ``fwd+bwd`` (loss
 ``out.square().mean()``), ``step`` (zero_grad, forward, backward, optimizer step with each
 library's recommended set-up: ours ``build_optimizer`` (sparse value gradient; the triton
-backend steps value rows with ``ops.triton.adam``), 0.3.0 ``torch.optim.Adam`` over its
+backend steps value rows with the Triton kernel of ``ops/sparse_adam``), 0.3.0 ``torch.optim.Adam`` over its
 ``fetch_optimizer_parameters`` groups), ``decode`` (input (1, 1, 512), eval forward),
 ``decode graph`` (ours only, on CUDA: the same step replayed through
 ``product_key_memory.cuda_graphs.GraphedForward``, as ``TransformerLM.generate`` decodes),
@@ -72,7 +72,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from product_key_memory import PKM, build_optimizer, use_backend  # noqa: E402
-from product_key_memory.ops import cpu as cpu_backend  # noqa: E402
+from product_key_memory.ops.value_read import torch_impl as torch_read  # noqa: E402
 
 LAYER = dict(dim=512, heads=4, dim_head=128, topk=32)
 CONFIGS = {"readme": dict(num_keys=256, shape=(8, 1024, 512)), "keys1024": dict(num_keys=1024, shape=(8, 1024, 512))}
@@ -147,7 +147,7 @@ def make_models(num_keys, layer, device, peer):
     models = {"triton": ours, "torch": ours}
     if peer is not None:
         theirs = peer.PKM(num_keys=num_keys, **layer)
-        theirs.load_state_dict(ours.state_dict(), strict=True)
+        ours.load_state_dict(theirs.state_dict(), strict=True)  # 0.3.0 checkpoints load into this library
         models["0.3.0"] = theirs.to(device)
     return models
 
@@ -257,7 +257,7 @@ def record_graphed_decode(lib, model, x_dec, device, timer, record):
 
 def bench_reads(config, spec, layer, device, timer, copy_bps) -> list:
     """The value-read kernels alone at the layer's read shape, fp32 and bf16 tables."""
-    from product_key_memory.ops.triton.value_read import value_read, value_read_backward
+    from product_key_memory.ops.value_read.triton_impl import value_read, value_read_backward_rows
 
     rows = []
     num_slots = spec["num_keys"] ** 2
@@ -282,9 +282,8 @@ def bench_reads(config, spec, layer, device, timer, copy_bps) -> list:
             ("read fwd", "triton"): (lambda: value_read(table, idx, w), fwd_bytes),
             ("read fwd", "torch"): (lambda: F.embedding_bag(idx, table, mode="sum", per_sample_weights=w), fwd_bytes),
             ("read fwd", "EmbeddingBag"): (lambda: bag(idx, per_sample_weights=w), fwd_bytes),
-            ("read bwd", "triton"): (lambda: value_read_backward(
-                g, table, idx, w, None, need_values_grad=True, need_weights_grad=True, sparse=True), bwd_bytes),
-            ("read bwd", "torch"): (lambda: cpu_backend.value_read_backward_rows(g, table, idx, w, None, True), bwd_bytes),
+            ("read bwd", "triton"): (lambda: value_read_backward_rows(g, table, idx, w, None, True), bwd_bytes),
+            ("read bwd", "torch"): (lambda: torch_read.value_read_backward_rows(g, table, idx, w, None, True), bwd_bytes),
         }
         if dtype == torch.bfloat16 and device.type == "cuda":
             del cases[("read bwd", "torch")]  # no bf16 CUDA kernel for the per-sample-weight gradient

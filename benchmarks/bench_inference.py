@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.peer import load_peer  # noqa: E402
 from product_key_memory import PKM, quantize_values_  # noqa: E402
-from product_key_memory.quantized import row_bytes  # noqa: E402
+from product_key_memory.tables.quantized import row_bytes  # noqa: E402
 
 LAYER = dict(dim=512, heads=4, topk=32, dim_head=128)
 FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
@@ -53,7 +53,7 @@ def build(num_keys: int, seed: int = 0):
     torch.manual_seed(seed)
     ours = PKM(num_keys=num_keys, **LAYER).eval()
     theirs = peer.PKM(num_keys=num_keys, **LAYER).eval()
-    theirs.load_state_dict(ours.state_dict(), strict=True)
+    ours.load_state_dict(theirs.state_dict(), strict=True)  # 0.3.0 checkpoints load into this library
     layers = {"fp32": ours}
     for name, fmt in QUANT.items():
         layers[name] = quantize_values_(copy.deepcopy(ours), fmt)

@@ -98,7 +98,7 @@ def make_pair(num_keys: int, seed: int = 0, **layer):
     layer = {**LAYER, **layer}
     ours = PKM(num_keys=num_keys, **layer)
     theirs = peer.PKM(num_keys=num_keys, **layer)
-    theirs.load_state_dict(ours.state_dict(), strict=True)
+    ours.load_state_dict(theirs.state_dict(), strict=True)  # 0.3.0 checkpoints load into this library
     return ours, theirs, peer
 
 

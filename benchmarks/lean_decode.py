@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from product_key_memory import PKM  # noqa: E402
-from product_key_memory.ops import candidate_pairs  # noqa: E402
+from product_key_memory.functional import candidate_pairs  # noqa: E402
 
 
 def make_lean(m: PKM):

@@ -3,12 +3,12 @@
     python benchmarks/read_backward_routes.py              # 1 and 2 threads, writes benchmarks/results/read_routes.json
 
 Both compute the same forward, value gradient (dense, the default) and weight gradient:
-``ops.cpu.value_read_backward_sorted`` and ``ops.cpu.value_read_backward_bag``, each forced.
+``ops.value_read.torch_impl.value_read_backward_sorted`` and ``...value_read_backward_bag``, each forced.
 Timed: forward + backward of ``out.square().mean()`` on a table ``(num_slots, dim)``
 with ``bags * m`` uniform random reads (``m = heads * topk = 128``), the two routes
 alternating on every repeat in one process; median of the repeats, ratio =
 embedding_bag / sorted (> 1: the sorted route is faster). The crossover this prints is
-what ``product_key_memory._routes.choose_read_backward`` encodes.
+what ``product_key_memory.ops.value_read.routes.choose_read_backward`` encodes.
 """
 
 from __future__ import annotations

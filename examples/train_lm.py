@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from product_key_memory import PKM, TransformerLM, fetch_optimizer_parameters
-from product_key_memory.transformer import FeedForward
+from product_key_memory.models.transformer import FeedForward
 
 # ----------------------------------------------------------------------------------- data
 

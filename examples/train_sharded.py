@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from product_key_memory import MemoryPlus, ShardedValues, fetch_optimizer_parameters, shard_values
-from product_key_memory.distributed import clip_grad_norm_
+from product_key_memory import clip_grad_norm_
 
 
 class TinyLM(nn.Module):

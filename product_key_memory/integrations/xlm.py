@@ -276,8 +276,9 @@ def from_xlm(state_dict: Mapping[str, Tensor], *, topk: int, prefix: str = "", *
     # reference query channel (head, half, d) for each of ours (half, head, d)
     perm = torch.arange(heads * 2 * dim_head).view(heads, 2, dim_head).transpose(0, 1).reshape(-1)
     # a shared table is used as given (load_state_dict copies it onto itself)
-    ours: Dict[str, Tensor] = {"keys": keys.transpose(1, 2), "values.weight": table.detach()}
-    hidden_modules = [] if pkm.query_hidden is None else list(pkm.query_hidden.layers)
+    ours: Dict[str, Tensor] = {"product_keys.keys": keys.transpose(1, 2), "values.weight": table.detach()}
+    query = pkm.query
+    hidden_modules = [] if query.query_hidden is None else list(query.query_hidden.layers)
     hidden_linears = [m for m in hidden_modules if isinstance(m, nn.Linear)]
     hidden_bn_modules = [m for m in hidden_modules if isinstance(m, MaskedBatchNorm)]
     names = {id(m): n for n, m in pkm.named_modules()}
@@ -289,10 +290,10 @@ def from_xlm(state_dict: Mapping[str, Tensor], *, topk: int, prefix: str = "", *
                 ours[f"{names[id(hidden_bn_modules[i])]}.fn.{entry}"] = t
     last, last_bn = linears[-1]
     for entry, t in last.items():
-        ours[f"to_queries.{entry}"] = t[perm]
+        ours[f"{names[id(query.to_queries)]}.{entry}"] = t[perm]
     if last_bn is not None:
         for entry, t in last_bn.items():
-            ours[f"norm.fn.{entry}"] = t if entry == "num_batches_tracked" else t[perm]
+            ours[f"{names[id(query.norm)]}.fn.{entry}"] = t if entry == "num_batches_tracked" else t[perm]
     for entry, t in pkm.state_dict().items():  # a BatchNorm saved without num_batches_tracked
         if entry.endswith("num_batches_tracked") and entry not in ours:
             ours[entry] = t

@@ -171,7 +171,9 @@ class PKM(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        check_positive_int("dim", dim)
+        for name, value in (("dim", dim), ("heads", heads), ("num_keys", num_keys), ("topk", topk),
+                            ("dim_head", dim_head)):
+            check_positive_int(name, value)
         factory = dict(device=device, dtype=dtype)
         self.dim = dim
         if value_dim is None:
@@ -184,11 +186,6 @@ class PKM(nn.Module):
                 dim, heads, dim_head, pre_norm=pre_layernorm, input_dropout=input_dropout, hidden=query_hidden,
                 hidden_batchnorm=query_hidden_batchnorm, bias=query_bias,
                 norm=_query_norm(query_norm, use_layernorm, query_hidden), query_dropout=query_dropout, **factory,
-            )
-        if product_keys is None:
-            product_keys = ProductKeys(
-                heads, num_keys, dim_head, topk, init=key_init, freeze=freeze_keys, qk_norm=qk_norm,
-                differentiable_topk=differentiable_topk, **factory,
             )
         if scoring is None:
             scoring = Scoring(
@@ -207,6 +204,11 @@ class PKM(nn.Module):
             output = MemoryOutput(
                 dim, value_dim, heads, concat_heads=concat_values_and_combine, dropout=value_dropout,
                 norm=norm_output, **factory,
+            )
+        if product_keys is None:  # last: the random draws come in the order of earlier versions
+            product_keys = ProductKeys(
+                heads, num_keys, dim_head, topk, init=key_init, freeze=freeze_keys, qk_norm=qk_norm,
+                differentiable_topk=differentiable_topk, **factory,
             )
         _check_parts(query, product_keys, scoring, values, output, dict(
             dim=dim, heads=heads, num_keys=num_keys, topk=topk, dim_head=dim_head, value_dim=value_dim,
@@ -278,11 +280,14 @@ class PKM(nn.Module):
         return self.scoring(scores), indices
 
     def read(self, indices: Tensor, weights: Tensor, mem_trainable_mask: Optional[Tensor] = None) -> Tensor:
-        """Slots and weights ``(N, heads, topk)`` -> the read ``(N, value_dim)`` (``(N, heads,
-        value_dim)`` with ``concat_values_and_combine``), before the output (``self.values``)."""
+        """Slots and weights ``(N, heads, topk)`` -> ``(N, dim)``: the value read (``self.values``)
+        projected by ``self.output.project``, before the output's dropout and norm."""
+        return self.output.project(self._read_values(indices, weights, mem_trainable_mask))
+
+    def _read_values(self, indices: Tensor, weights: Tensor, trainable: Optional[Tensor]) -> Tensor:
         if not self.output.concat_heads:  # every head's slots in one bag per token
             indices, weights = indices.flatten(-2), weights.flatten(-2)  # (N, heads * topk)
-        return self.values(indices, weights, trainable=mem_trainable_mask)
+        return self.values(indices, weights, trainable=trainable)  # (N, value_dim) or (N, heads, value_dim)
 
     def forward(
         self,
@@ -302,7 +307,7 @@ class PKM(nn.Module):
         weights, indices = self.search(q, gumbel_noise_scale)  # (N, heads, topk)
         if mask is not None:
             weights = torch.where(mask.view(-1, 1, 1), weights, 0.0)
-        out = self.output(self.read(indices, weights, mem_trainable_mask))  # (N, dim)
+        out = self.output(self._read_values(indices, weights, mem_trainable_mask))  # (N, dim)
         if mask is not None:
             out = torch.where(mask.unsqueeze(-1), out, 0.0)
         return out.view(*lead, self.dim)

@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from product_key_memory import KNNMemory
-from product_key_memory.knn import GROUP_SIZE, KNNMemoryList, exact_search
+from product_key_memory.knn.memory import GROUP_SIZE, KNNMemoryList, exact_search
 
 
 def brute_force(memory: KNNMemory, queries: torch.Tensor, topk: int, rows=None):
@@ -256,7 +256,7 @@ def test_faiss_backend_recall_and_fifo_eviction():
 
 
 def test_exact_search_splits_the_queries_when_the_smallest_chunk_is_over_budget(monkeypatch):
-    import product_key_memory.knn as knn
+    import product_key_memory.knn.memory as knn
 
     monkeypatch.setattr(knn, "SCORE_BUDGET", 1 << 12)  # 2 rows * 10 queries * 1024 memories is over it
     queries, keys = torch.randn(2, 10, 4), torch.randn(2, 1500, 4)

@@ -102,7 +102,7 @@ def test_mem_trainable_mask_limits_value_gradients_only(concat):
 def test_concat_mode_trains_keys_and_queries():
     pkm = small_pkm(concat_values_and_combine=True)
     grads = grads_of(pkm, pkm(torch.randn(4, SMALL["dim"], dtype=torch.float64)).square().sum())
-    for name in ("keys", "to_queries.weight", "values.weight", "combine.weight"):
+    for name in ("product_keys.keys", "query.to_queries.weight", "values.weight", "output.combine.weight"):
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
 
 
@@ -142,8 +142,8 @@ def test_differentiable_topk_passes_gradient_to_unselected_subkeys():
     soft.load_state_dict(hard.state_dict())
     x = torch.randn(5, SMALL["dim"], dtype=torch.float64)
     torch.testing.assert_close(soft(x), hard(x), atol=1e-6, rtol=1e-6)
-    g_soft = grads_of(soft, soft(x).square().sum())["keys"]
-    g_hard = grads_of(hard, hard(x).square().sum())["keys"]
+    g_soft = grads_of(soft, soft(x).square().sum())["product_keys.keys"]
+    g_hard = grads_of(hard, hard(x).square().sum())["product_keys.keys"]
     # the hard top-k gives no gradient to sub-keys never selected; the coordinate-descent top-k does
     assert (g_soft != 0).sum() > (g_hard != 0).sum()
 
@@ -170,7 +170,7 @@ def test_dropouts_act_in_training_only(which):
 def test_alias_and_repr():
     assert ProductKeyMemory is PKM
     text = repr(small_pkm(concat_values_and_combine=True))
-    assert "num_keys=8" in text and "concat_values_and_combine=True" in text
+    assert "num_keys=8" in text and "concat_heads=True" in text
 
 
 def test_state_dict_round_trip():

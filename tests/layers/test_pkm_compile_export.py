@@ -115,3 +115,77 @@ def test_transformer_lm_onnx_export_runs_in_onnxruntime(tmp_path):
     outs = run_onnx(model, inputs[0], inputs, {"tokens": {0: Dim("batch"), 1: Dim("seq", max=16)}}, tmp_path)
     for x, out in zip(inputs, outs):
         assert_close(out, model(x).detach(), atol=1e-4, rtol=1e-4, msg=f"onnxruntime logits for {tuple(x.shape)}")
+
+
+COMPILE_OPTIONS = {
+    "differentiable_topk": dict(differentiable_topk=True),
+    "batchnorm_concat_hidden": dict(use_layernorm=False, concat_values_and_combine=True, query_hidden=(24,),
+                                    query_hidden_batchnorm=True, pre_layernorm=True, norm_output=True),
+    "channel_batchnorm_qk_norm_relu": dict(query_norm="channel_batchnorm", qk_norm=True, non_competitive_gates=True),
+    "no_norm_scoring_value_dim": dict(query_norm="none", temperature=0.5, score_subtract="mean", value_dim=24),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPILE_OPTIONS))
+def test_compiled_training_step_with_options_matches_eager(name):
+    torch.manual_seed(0)
+    pkm = PKM(32, **SMALL, **COMPILE_OPTIONS[name]).train()
+    compiled = torch.compile(pkm, backend="aot_eager", fullgraph=True)  # fullgraph: a break raises
+    x = torch.randn(3, 6, 32)
+    mask = torch.rand(3, 6) > 0.3
+    g = torch.randn(3, 6, 32)
+    outs = []
+    for fn in (pkm, compiled):
+        pkm.zero_grad()
+        torch.manual_seed(1)  # the same batch statistics and noise on both
+        out = fn(x, input_mask=mask)
+        (out * g).sum().backward()
+        outs.append((out.detach(), grads(pkm)))
+    (want, want_grads), (got, got_grads) = outs
+    assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert got_grads.keys() == want_grads.keys()
+    for n in want_grads:
+        assert_close(got_grads[n], want_grads[n], atol=1e-5, rtol=1e-4, msg=f"gradient of {n}")
+
+
+def test_compiled_training_with_gumbel_noise():
+    # the noise is drawn inside the graph: compare the compiled step with eager under the same seed
+    torch.manual_seed(0)
+    pkm = PKM(32, **SMALL).train()
+    compiled = torch.compile(pkm, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 32)
+    results = []
+    for fn in (pkm, compiled):
+        pkm.zero_grad()
+        torch.manual_seed(3)
+        out = fn(x, gumbel_noise_scale=0.5)
+        out.square().sum().backward()
+        results.append((out.detach(), grads(pkm)))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        quiet = pkm(x)
+    assert not torch.allclose(results[0][0], quiet)  # the noise changed what was read
+    assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
+    for n in results[0][1]:
+        assert_close(results[1][1][n], results[0][1][n], atol=1e-5, rtol=1e-4, msg=f"gradient of {n}")
+
+
+@pytest.mark.parametrize("fmt", [torch.bfloat16, torch.int8, "int4"])
+def test_compiled_quantized_layer_finetunes_keys_like_eager(fmt):
+    from product_key_memory import quantize_values_
+
+    torch.manual_seed(0)
+    pkm = quantize_values_(PKM(32, **SMALL), fmt).train()
+    compiled = torch.compile(pkm, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 5, 32)
+    mask = torch.rand(2, 5) > 0.2
+    results = []
+    for fn in (pkm, compiled):
+        pkm.zero_grad()
+        out = fn(x, input_mask=mask)
+        out.square().sum().backward()
+        results.append((out.detach(), grads(pkm)))
+    assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
+    assert "product_keys.keys" in results[0][1]
+    for n in results[0][1]:
+        assert_close(results[1][1][n], results[0][1][n], atol=1e-5, rtol=1e-4, msg=f"gradient of {n}")

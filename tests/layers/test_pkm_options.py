@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from product_key_memory import EmbeddingValues, PKM, fetch_optimizer_parameters, fetch_pkm_value_parameters
-from product_key_memory.norms import MaskedBatchNorm
+from product_key_memory.parts.norms import MaskedBatchNorm
 
 
 def _batch_norm(h, bn, rows, training):
@@ -125,15 +125,15 @@ def test_options_match_reference_outputs_and_gradients(name, training):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: gradient of {pname}: {m}")
 
 
-def test_defaults_keep_the_030_state_dict():
+def test_defaults_have_030s_tensors_under_the_parts_names():
     names = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
     assert names(PKM(32, heads=2, num_keys=8, topk=4, dim_head=8)) == {
-        "keys": (2, 8, 2, 8), "to_queries.weight": (32, 32), "norm.weight": (8,), "norm.bias": (8,),
-        "values.weight": (64, 32),
+        "product_keys.keys": (2, 8, 2, 8), "query.to_queries.weight": (32, 32), "query.norm.weight": (8,),
+        "query.norm.bias": (8,), "values.weight": (64, 32),
     }
     bn = names(PKM(32, heads=2, num_keys=8, topk=4, dim_head=8, use_layernorm=False))
-    assert {k for k in bn if k.startswith("norm.")} == {
-        "norm.fn.weight", "norm.fn.bias", "norm.fn.running_mean", "norm.fn.running_var", "norm.fn.num_batches_tracked"
+    assert {k for k in bn if k.startswith("query.norm.")} == {
+        f"query.norm.fn.{n}" for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     }
     # the explicit spelling of the defaults builds the same layer
     torch.manual_seed(1)
@@ -148,7 +148,7 @@ def test_inits_and_frozen_keys():
     uni = PKM(8, heads=4, num_keys=64, topk=4, dim_head=16, key_init="uniform", value_init="zeros", freeze_keys=True)
     assert uni.keys.abs().max() <= 1 / math.sqrt(16) and uni.keys.std() < 0.2
     assert uni.values.weight.abs().max() == 0
-    assert not uni.keys.requires_grad and "keys" in uni.state_dict()
+    assert not uni.keys.requires_grad and "product_keys.keys" in uni.state_dict()
     uni(torch.randn(3, 8)).sum().backward()
     assert uni.keys.grad is None
     normal = PKM(8, heads=4, num_keys=64, topk=4, dim_head=16)
@@ -232,4 +232,5 @@ def test_option_validation(kwargs, error, match):
 def test_repr_shows_only_changed_options():
     assert "temperature" not in repr(PKM(16, heads=2, num_keys=4, topk=2, dim_head=4))
     r = repr(PKM(16, heads=2, num_keys=4, topk=2, dim_head=4, temperature=0.5, query_norm="none", freeze_keys=True))
-    assert "temperature=0.5" in r and "query_norm='none'" in r and "freeze_keys=True" in r
+    # each option shows on the part it configures
+    assert "temperature=0.5" in r and "norm='none'" in r and "freeze=True" in r

@@ -64,7 +64,7 @@ def test_topk_lower_index_is_a_stable_sort(dtype):
     index = torch.randperm(40, generator=g).expand(50, 40)
     for idx in (None, index):
         got_v, got_i = ops.topk_lower_index(x, 7, idx)
-        want_v, want_i = ops.reference.stable_topk(x, 7, idx)
+        want_v, want_i = ops.topk.reference.topk_lower_index(x, 7, idx)
         assert torch.equal(got_i, want_i) and torch.equal(got_v, want_v)
 
 
@@ -112,11 +112,11 @@ def test_input_dtype_or_device_that_is_not_the_layers_is_a_clear_error():
 def test_a_state_dict_with_both_concat_projection_names_is_refused():
     pkm = PKM(16, **SIZES, concat_values_and_combine=True)
     sd = pkm.state_dict()
-    sd["maybe_concat_combine.2.weight"] = sd["combine.weight"].clone()
-    with pytest.raises(ValueError, match="holds both 'maybe_concat_combine.2.weight'.*and 'combine.weight'"):
+    sd["maybe_concat_combine.2.weight"] = sd["output.combine.weight"].clone()
+    with pytest.raises(ValueError, match="holds both 'maybe_concat_combine.2.weight'.*and 'output.combine.weight'"):
         pkm.load_state_dict(sd)
     legacy = pkm.state_dict()
-    legacy["maybe_concat_combine.2.weight"] = legacy.pop("combine.weight")
+    legacy["maybe_concat_combine.2.weight"] = legacy.pop("output.combine.weight")
     pkm.load_state_dict(legacy, strict=True)  # 0.3.0's name alone still loads
 
 
@@ -131,7 +131,7 @@ AROUND_OPTIONS = {
 }
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(
     heads=st.integers(1, 3),
     num_keys=st.sampled_from([4, 8, 16]),
@@ -180,6 +180,9 @@ def test_fast_path_equals_reference_path(
     (out, grads), (ref, ref_grads) = results
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     for name in ref_grads:
-        scale = ref_grads[name].abs().max().item()
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-9, atol=1e-9 * scale + 1e-12,
+        # a gradient that is zero in exact arithmetic (a LayerNorm over dim_head=2 gives unit half-queries
+        # whatever the projection) is rounding noise of the upstream gradients on both paths: compare
+        # against at least unit scale
+        scale = max(ref_grads[name].abs().max().item(), 1.0)
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-9, atol=1e-9 * scale,
                                    msg=f"gradient of {name}")

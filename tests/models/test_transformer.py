@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from product_key_memory import PKM, TransformerLM, lm_loss
-from product_key_memory.transformer import CausalSelfAttention, FeedForward
+from product_key_memory.models.transformer import CausalSelfAttention, FeedForward
 
 PKM_KWARGS = dict(heads=2, num_keys=8, topk=4, dim_head=8)
 

@@ -51,22 +51,32 @@ def test_parts_build_the_layer_the_options_build():
     assert from_parts.query.training is False and from_parts.output.training is False
 
 
-def test_state_dict_keys_and_paths_are_product_key_memory_030s():
+def test_state_dict_keys_are_attribute_paths_of_the_parts():
     pkm = PKM(16, **SIZES, pre_layernorm=True, concat_values_and_combine=True, norm_output=True)
     assert list(pkm.state_dict()) == [
-        "keys", "pre_layernorm.weight", "pre_layernorm.bias", "to_queries.weight", "norm.weight", "norm.bias",
-        "values.weight", "combine.weight", "output_norm.weight", "output_norm.bias",
+        "query.pre_layernorm.weight", "query.pre_layernorm.bias", "query.to_queries.weight", "query.norm.weight",
+        "query.norm.bias", "product_keys.keys", "values.weight", "output.combine.weight", "output.output_norm.weight",
+        "output.output_norm.bias",
     ]
     for name, p in pkm.named_parameters():  # every key is an attribute path (DCP, FSDP and HF walk them)
         assert pkm.get_parameter(name) is p
+    # 0.3.0's attribute names reach the pieces in their parts
     assert pkm.to_queries is pkm.query.to_queries and pkm.combine is pkm.output.combine
+    assert pkm.keys is pkm.product_keys.keys and pkm.norm is pkm.query.norm
+    children = dict(pkm.named_children())
+    assert list(children) == ["query", "product_keys", "scoring", "values", "output"]
 
 
-def test_a_part_with_options_that_would_build_it_is_refused():
-    with pytest.raises(ValueError, match=r"pass either query= or the options that build it.*query_hidden"):
-        PKM(16, **SIZES, query=QueryNetwork(16, 2, 8), query_hidden=(8,))
+def test_a_part_passed_in_is_used_as_given_and_sizes_must_chain():
+    query = QueryNetwork(16, 2, 8)
+    pkm = PKM(16, **SIZES, query=query, query_hidden=(8,))  # the options that would build it are not read
+    assert pkm.query is query and pkm.query.query_hidden is None
     with pytest.raises(ValueError, match=r"product_keys.num_keys is 16 but the layer has num_keys=8"):
         PKM(16, **SIZES, product_keys=ProductKeys(2, 16, 8, 4))
+    with pytest.raises(ValueError, match=r"query.heads is 4 but the layer has heads=2"):
+        PKM(16, **SIZES, query=QueryNetwork(16, 4, 8))
+    with pytest.raises(ValueError, match=r"values.num_slots is 16 but the layer has num_keys \*\* 2=64"):
+        PKM(16, **SIZES, values=EmbeddingValues(16, 16))
     with pytest.raises(TypeError, match="scoring must be a Scoring"):
         PKM(16, **SIZES, scoring=nn.Softmax(-1))
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from product_key_memory.query import ChannelBatchNorm, IdentityNorm, QueryMLP, query_norm
+from product_key_memory.parts.query import ChannelBatchNorm, IdentityNorm, QueryMLP, query_norm
 
 
 def test_channel_batchnorm_is_batchnorm_over_real_tokens():

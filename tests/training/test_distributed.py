@@ -27,7 +27,7 @@ from product_key_memory import (
     sharded_parameters,
 )
 from product_key_memory import distributed as pkm_distributed
-from product_key_memory.distributed import column_sizes, sharded_value_read
+from product_key_memory.tables.sharded import column_sizes, sharded_value_read
 from product_key_memory.functional import value_read_reference
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
