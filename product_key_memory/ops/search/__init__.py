@@ -172,7 +172,9 @@ def product_topk(sub_scores: Tensor, topk: int, *, subkey_topk: Optional[TopkFn]
     num_keys = sub_scores.shape[-1]
     best, best_idx = (topk_lower_index if subkey_topk is None else subkey_topk)(sub_scores, topk)
     (s1, s2), (i1, i2) = best.unbind(-2), best_idx.unbind(-2)
-    a, b = torch_impl.cached_candidate_pairs(topk, sub_scores.device)
+    # a graph holds the pairs as a constant; eager code reads the cache
+    pairs = torch_impl.candidate_pairs if torch.compiler.is_compiling() else torch_impl.cached_candidate_pairs
+    a, b = pairs(topk, sub_scores.device)
     cand_scores = s1.index_select(-1, a) + s2.index_select(-1, b)  # (..., heads, P)
     cand_slots = i1.index_select(-1, a) * num_keys + i2.index_select(-1, b)
     return topk_lower_index(cand_scores, topk, cand_slots)

@@ -18,29 +18,24 @@ from .._buffers import outside_inference_mode
 from ..topk import topk_lower_index
 from . import reference
 
-__all__ = ["cached_candidate_pairs", "half_scores", "search", "search_heads_first"]
+__all__ = ["candidate_pairs", "cached_candidate_pairs", "half_scores", "search", "search_heads_first"]
 
 
-def cached_candidate_pairs(topk: int, device: torch.device) -> Tensor:
+def candidate_pairs(topk: int, device: torch.device) -> Tensor:
     """The candidate pairs of :func:`product_key_memory.ops.search.candidate_pairs`, ``(2, num_pairs)``,
-    cached per ``(topk, device)`` in eager mode: never to be written to or handed out. Traced code
-    gets them as a constant of the graph."""
-    if torch.compiler.is_compiling():
-        return _candidate_pairs(topk, device)
-    return _cached_candidate_pairs(topk, device)
-
-
-def _candidate_pairs(topk: int, device: torch.device) -> Tensor:
+    built afresh (what traced code takes: a constant of its graph)."""
     pairs = [(a, b) for a in range(topk) for b in range(topk // (a + 1))]
     return torch.tensor(pairs, dtype=torch.long, device=device).t().contiguous()
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_candidate_pairs(topk: int, device: torch.device) -> Tensor:
+def cached_candidate_pairs(topk: int, device: torch.device) -> Tensor:
+    """:func:`candidate_pairs`, cached per ``(topk, device)`` for eager code (made outside inference
+    mode, which tracing cannot follow): never to be written to or handed out."""
     # derived from topk alone, so a cache (not a module buffer) holds it: nothing to rebuild after
     # meta-device construction, to_empty or loading
     with outside_inference_mode():
-        return _candidate_pairs(topk, device)
+        return candidate_pairs(topk, device)
 
 
 # reference.score_dtype per (queries, keys) dtype pair, cached: asked on every search
@@ -94,7 +89,7 @@ _FEW_ROWS = 32  # heads * tokens up to which the search builds candidates in one
 def _candidate_pair_stack(topk: int, device: torch.device) -> Tensor:
     # candidate_pairs as (2, 1, 1, P): row p the positions in half p's list
     with outside_inference_mode():
-        return _cached_candidate_pairs(topk, device).view(2, 1, 1, -1)
+        return cached_candidate_pairs(topk, device).view(2, 1, 1, -1)
 
 
 @functools.lru_cache(maxsize=64)
