@@ -12,7 +12,7 @@ from torch.library import opcheck
 from torch.testing import assert_close
 
 from product_key_memory import functional as PF
-from product_key_memory import use_backend
+from product_key_memory import ops, use_backend
 from product_key_memory.ops import search as entry
 from product_key_memory.ops.search import reference, torch_impl
 from product_key_memory.ops.topk.reference import topk_lower_index as stable_topk
@@ -23,7 +23,7 @@ HYP = settings(max_examples=25, deadline=None)
 # scores: float32 sums in another order (float64 for float64 input)
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-9)}
 BACKENDS = ["reference", "torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not __import__("product_key_memory").ops.triton_available(), reason="needs triton"))]
+    not ops.triton_available(), reason="needs triton"))]
 
 
 def _grads(outputs, inputs, upstream):
