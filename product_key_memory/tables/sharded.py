@@ -138,35 +138,36 @@ def sharded_value_read(
 
 
 class ShardedValues(ValueTable):
-    r"""A ``(num_embeddings, embedding_dim)`` value table whose columns are spread over processes.
+    r"""A ``(num_slots, dim)`` value table whose columns are spread over processes.
 
-    Rank ``r`` of ``group`` holds ``weight``, the columns
-    ``[column_start, column_start + cols_r)`` of every slot, with ``cols_r`` about
-    ``embedding_dim / world_size``. Give it to a :class:`PKM` (or :class:`MemoryPlus`) as
-    ``values=`` and the layer reads through :func:`sharded_value_read`; the layer's outputs,
-    and the gradients of everything but the table, are those of the unsharded layer.
+    Rank ``r`` of ``group`` holds ``weight``, the columns ``[column_start, column_start + cols_r)``
+    of every slot, with ``cols_r`` about ``dim / world_size``. Give it to a :class:`PKM` (or
+    :class:`MemoryPlus`) as ``values=`` and the layer reads through :func:`sharded_value_read`;
+    the layer's outputs, and the gradients of everything but the table, are those of the
+    unsharded layer.
 
     The table is not data parallel: exclude ``weight`` from DDP's gradient all-reduce and from
-    ``fully_shard`` (:func:`shard_values` does the former; :func:`sharded_parameters` lists the
-    tables for ``fully_shard(..., ignored_params=...)``). Every rank must run every read.
+    ``fully_shard`` (:func:`~product_key_memory.shard_values` does the former;
+    :func:`~product_key_memory.sharded_parameters` lists the tables for
+    ``fully_shard(..., ignored_params=...)``). Every rank must run every read.
 
     Collective: every rank of ``group`` builds it, in the same order, with the same
-    ``num_embeddings``, ``embedding_dim`` and ``average_grads`` (checked on construction;
-    a mismatch raises ``ValueError`` on every rank).
+    ``num_slots``, ``dim`` and ``average_grads`` (checked on construction; a mismatch raises
+    ``ValueError`` on every rank).
 
     Args:
-        num_embeddings: slots (``num_keys ** 2``).
-        embedding_dim: full width of a row.
+        num_slots: slots (``num_keys ** 2``); ``num_embeddings`` is its earlier name.
+        dim: full width of a row; ``embedding_dim`` is its earlier name.
 
     Keyword-only args:
         group: process group over which the columns are spread (default: the world).
         average_grads: divide the gradient by the world size (DDP's mean over ranks).
-        sparse: sparse gradient (for ``torch.optim.SparseAdam``).
+        sparse: sparse gradient (for :class:`~product_key_memory.SparseRowAdam`).
         device, dtype: factory kwargs.
 
     Shape:
-        - weight: ``(num_embeddings, cols_r)``, initialised ``N(0, 1 / embedding_dim)`` like the
-          full table (each rank draws its own columns from its own generator).
+        - weight: ``(num_slots, cols_r)``, initialised ``N(0, 1 / dim)`` like the full table
+          (each rank draws its own columns from its own generator).
 
     ``load_state_dict`` takes either this rank's columns or the whole table (a checkpoint
     saved by one process), of which it keeps this rank's columns; :meth:`full_weight`
@@ -175,15 +176,19 @@ class ShardedValues(ValueTable):
 
     def __init__(
         self,
-        num_embeddings: int,
-        embedding_dim: int,
+        num_slots: Optional[int] = None,
+        dim: Optional[int] = None,
         *,
         group: Optional[dist.ProcessGroup] = None,
         average_grads: bool = True,
         sparse: bool = False,
+        num_embeddings: Optional[int] = None,
+        embedding_dim: Optional[int] = None,
         device=None,
         dtype=None,
     ):
+        num_slots = _one_of("num_slots", num_slots, "num_embeddings", num_embeddings)
+        dim = _one_of("dim", dim, "embedding_dim", embedding_dim)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "ShardedValues needs an initialised process group (torch.distributed.init_process_group)"
@@ -191,40 +196,41 @@ class ShardedValues(ValueTable):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         # before any check that could fail on one rank only: the others would wait here for it
         everyone = [None] * world
-        dist.all_gather_object(everyone, (num_embeddings, embedding_dim, average_grads), group=group)
+        dist.all_gather_object(everyone, (num_slots, dim, average_grads), group=group)
         if len(set(everyone)) != 1:
             raise ValueError(
-                "every rank must build ShardedValues with the same num_embeddings, embedding_dim and average_grads, "
-                f"got (num_embeddings, embedding_dim, average_grads) = {everyone} on ranks 0..{world - 1}"
+                "every rank must build ShardedValues with the same num_slots, dim and average_grads, "
+                f"got (num_slots, dim, average_grads) = {everyone} on ranks 0..{world - 1}"
             )
-        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+        for name, value in (("num_slots", num_slots), ("dim", dim)):
             check_positive_int(name, value)
         check_bool("average_grads", average_grads)
-        super().__init__(num_embeddings, embedding_dim, sparse=sparse)
-        if embedding_dim < world:
-            raise ValueError(f"embedding_dim must be at least the world size {world}, got {embedding_dim}")
-        sizes = column_sizes(embedding_dim, world)
+        super().__init__(num_slots, dim, sparse=sparse)
+        if dim < world:
+            raise ValueError(f"dim must be at least the world size {world}, got {dim}")
+        sizes = column_sizes(dim, world)
         self.column_start = sum(sizes[:rank])
         self.group = group
         self.average_grads = average_grads
-        self.weight = nn.Parameter(torch.empty(num_embeddings, sizes[rank], device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(num_slots, sizes[rank], device=device, dtype=dtype))
         self._register_load_state_dict_pre_hook(self._slice_full_table)
         self.reset_parameters()
 
+    # nn.Embedding's names, the earlier ones of num_slots and dim
     num_embeddings = property(lambda self: self.num_slots)
     embedding_dim = property(lambda self: self.dim)
 
     def _slice_full_table(self, state_dict, prefix, *args) -> None:
-        # a whole (num_embeddings, embedding_dim) table, e.g. from one process or a 0.3.0
+        # a whole (num_slots, dim) table, e.g. from one process or a 0.3.0
         # checkpoint, loads as this rank's columns
         full = state_dict.get(prefix + "weight")
-        if isinstance(full, Tensor) and tuple(full.shape) == (self.num_embeddings, self.embedding_dim):
+        if isinstance(full, Tensor) and tuple(full.shape) == (self.num_slots, self.dim):
             stop = self.column_start + self.weight.shape[1]
             state_dict[prefix + "weight"] = full[:, self.column_start : stop]
 
     def reset_parameters(self) -> None:
-        """Values ~ ``N(0, 1 / embedding_dim)``: the full table's init, column by column."""
-        nn.init.normal_(self.weight, std=self.embedding_dim**-0.5)
+        """Values ~ ``N(0, 1 / dim)``: the full table's init, column by column."""
+        nn.init.normal_(self.weight, std=self.dim**-0.5)
 
     @classmethod
     def from_full(
@@ -235,7 +241,7 @@ class ShardedValues(ValueTable):
         average_grads: bool = True,
         sparse: bool = False,
     ) -> "ShardedValues":
-        """This rank's columns of a full ``(num_embeddings, embedding_dim)`` table, identical on every rank."""
+        """This rank's columns of a full ``(num_slots, dim)`` table, identical on every rank."""
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             raise ValueError(f"weight must be a 2-D table, got {getattr(weight, 'shape', type(weight).__name__)}")
         factory = dict(device=weight.device, dtype=weight.dtype)
@@ -245,7 +251,7 @@ class ShardedValues(ValueTable):
         return new
 
     def read(self, indices: Tensor, weights: Optional[Tensor], *, trainable: Optional[Tensor] = None) -> Tensor:
-        """Indices and weights ``(..., m)`` of this rank's tokens -> ``(..., embedding_dim)`` (collective)."""
+        """Indices and weights ``(..., m)`` of this rank's tokens -> ``(..., dim)`` (collective)."""
         if weights is None:
             weights = torch.ones(indices.shape, dtype=self.weight.dtype, device=indices.device)
         return sharded_value_read(
@@ -260,18 +266,27 @@ class ShardedValues(ValueTable):
 
     @torch.no_grad()
     def full_weight(self) -> Tensor:
-        """The whole table ``(num_embeddings, embedding_dim)`` on every rank (collective; small tables only)."""
+        """The whole table ``(num_slots, dim)`` on every rank (collective; small tables only)."""
         world = dist.get_world_size(self.group)
-        cols = column_sizes(self.embedding_dim, world)
-        sizes = [self.num_embeddings * c for c in cols]
+        cols = column_sizes(self.dim, world)
+        sizes = [self.num_slots * c for c in cols]
         mine = self.weight.reshape(-1)
         # an all_to_all of the whole slice to everyone: gloo has no all_gather of uneven sizes
         pieces = _AllToAll.apply(mine.repeat(world), sizes, [mine.numel()] * world, self.group).split(sizes)
-        return torch.cat([p.view(self.num_embeddings, c) for p, c in zip(pieces, cols)], dim=-1)
+        return torch.cat([p.view(self.num_slots, c) for p, c in zip(pieces, cols)], dim=-1)
 
     def extra_repr(self) -> str:
         stop = self.column_start + self.weight.shape[1]
-        s = f"{self.num_embeddings}, {self.embedding_dim}, columns=[{self.column_start}:{stop})"
+        s = f"{self.num_slots}, {self.dim}, columns=[{self.column_start}:{stop})"
         if not self.average_grads:
             s += ", average_grads=False"
         return s + (", sparse=True" if self.sparse else "")
+
+
+def _one_of(name: str, value, old_name: str, old_value):
+    """``value``, or its earlier name's ``old_value``: exactly one of the two."""
+    if value is not None and old_value is not None:
+        raise TypeError(f"pass {name} or {old_name} (its earlier name), not both")
+    if value is None and old_value is None:
+        raise TypeError(f"missing argument {name}")
+    return value if value is not None else old_value

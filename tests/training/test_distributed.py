@@ -338,7 +338,7 @@ def _scenario_mismatched_sizes(rank, world):
             message = ""
         except ValueError as e:
             message = str(e)
-        pairs[f"{name} refused"] = (torch.tensor("same num_embeddings, embedding_dim" in message), torch.tensor(True))
+        pairs[f"{name} refused"] = (torch.tensor("same num_slots, dim" in message), torch.tensor(True))
     table = ShardedValues(10, 8)  # the group still works afterwards
     pairs["then builds"] = (torch.tensor(table.full_weight().shape), torch.tensor([10, 8]))
     return pairs
@@ -440,3 +440,23 @@ def test_sharded_values_need_a_process_group():
         pytest.skip("a process group is already initialised in this process")
     with pytest.raises(RuntimeError, match="process group"):
         ShardedValues(16, 8)
+
+
+def test_sizes_by_their_earlier_names(tmp_path):
+    # a one-process group: the constructor's own arguments, nothing to exchange
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        new = ShardedValues(16, 8)
+        torch.manual_seed(0)
+        old = ShardedValues(num_embeddings=16, embedding_dim=8)
+        assert (old.num_slots, old.dim, old.num_embeddings, old.embedding_dim) == (16, 8, 16, 8)
+        assert torch.equal(old.weight, new.weight)
+        with pytest.raises(TypeError, match="pass num_slots or num_embeddings"):
+            ShardedValues(16, 8, num_embeddings=16)
+        with pytest.raises(TypeError, match="missing argument dim"):
+            ShardedValues(16)
+    finally:
+        dist.destroy_process_group()

@@ -66,7 +66,8 @@ def _run(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("pkm::search", mutates_args=())
 def _search_op(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
-    return _run(queries, keys, topk)
+    scores, slots = _run(queries, keys, topk)
+    return scores.contiguous(), slots.contiguous()  # an implementation may return views in another layout
 
 
 @_search_op.register_fake

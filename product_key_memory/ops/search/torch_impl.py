@@ -56,9 +56,10 @@ def half_scores(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tuple[Tens
 
 
 def search(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
-    """``(N, heads, 2, dim_key)`` queries -> ``scores, slots`` ``(N, heads, topk)``, best first."""
+    """``(N, heads, 2, dim_key)`` queries -> ``scores, slots`` ``(N, heads, topk)``, best first: views of
+    heads-first ``(heads, N, topk)`` results (the custom op makes them contiguous, as its fake says)."""
     scores, slots = search_heads_first(queries.transpose(1, 2), keys.transpose(1, 2), topk)
-    return scores.transpose(0, 1).contiguous(), slots.transpose(0, 1).contiguous()  # (N, H, topk), as the op promises
+    return scores.transpose(0, 1), slots.transpose(0, 1)  # (N, H, topk)
 
 
 def search_heads_first(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
