@@ -9,6 +9,8 @@
 Configurations: ``readme`` (dim=512, heads=4, dim_head=128, num_keys=256, topk=32,
 input (1, 1024, 512)), ``keys1024`` (the same with num_keys=1024: 1M slots), and
 ``decode`` (README layer, input (1, 1, 512)). Phases: ``forward`` (eval, no grad),
+``forward compiled`` (decode only: ours under ``torch.compile`` with the default inductor
+backend, against 0.3.0 eager),
 ``fwd+bwd`` (train mode, loss ``out.square().mean()``), ``step`` (zero_grad, forward,
 backward, optimizer step; each library's recommended set-up: 0.3.0 is
 ``torch.optim.Adam(fetch_optimizer_parameters(m))``, ours is ``build_optimizer(m)``),
@@ -19,7 +21,7 @@ in a fresh child process per library, both children with the same environment
 (allocator settings). ``fwd+bwd`` of ours uses the recommended sparse value
 gradient; ``fwd+bwd dense`` is ours with a dense value gradient (plain Adam users).
 
-Both layers hold the same weights (ours' state dict loads into 0.3.0). Forward and
+Both layers hold the same weights (0.3.0's state dict loads into ours). Forward and
 fwd+bwd alternate between the libraries on every repeat; training steps run one
 library after the other (their optimizer states would not fit together at 1M slots).
 Reported: median and min-max in ms, ratio = 0.3.0 median / our median, and the
@@ -64,7 +66,7 @@ LAYER = dict(dim=512, heads=4, dim_head=128, topk=32)
 CONFIGS = {
     "readme": dict(num_keys=256, shape=(1, 1024, 512), phases=("forward", "fwd+bwd", "fwd+bwd dense", "step")),
     "keys1024": dict(num_keys=1024, shape=(1, 1024, 512), phases=("forward", "fwd+bwd", "fwd+bwd dense", "step")),
-    "decode": dict(num_keys=256, shape=(1, 1, 512), phases=("forward",)),
+    "decode": dict(num_keys=256, shape=(1, 1, 512), phases=("forward", "forward compiled")),
 }
 SWEEP_BASE = dict(num_keys=256, heads=4, dim_head=128, topk=32, tokens=1024)
 SWEEP_AXES = dict(num_keys=(128, 512, 1024), heads=(1, 2, 8), dim_head=(64, 256), topk=(8, 16, 64),
@@ -285,8 +287,10 @@ def run_sweep(args) -> dict:
         for threads in args.threads:
             torch.set_num_threads(threads)
             for phase in ("forward", "fwd+bwd"):
-                if phase == "forward":
-                    f_ours, f_peer = forward_fns(ours, theirs, x)
+                if phase in ("forward", "forward compiled"):
+                    f_ours, f_peer = forward_fns(torch.compile(ours) if phase == "forward compiled" else ours, theirs, x)
+                    with torch.no_grad():
+                        f_ours()  # a compiled layer compiles on its first call, outside the timing
                 else:
                     f_ours, f_peer = fwd_bwd_fns(ours, theirs, x, sparse=False)
                 # 3 warm-up calls each: the first fwd+bwd calls fault in fresh memory and the allocator
@@ -347,8 +351,10 @@ def run(args) -> dict:
             for phase in cfg["phases"]:
                 if args.phases and phase not in args.phases:
                     continue
-                if phase == "forward":
-                    f_ours, f_peer = forward_fns(ours, theirs, x)
+                if phase in ("forward", "forward compiled"):
+                    f_ours, f_peer = forward_fns(torch.compile(ours) if phase == "forward compiled" else ours, theirs, x)
+                    with torch.no_grad():
+                        f_ours()  # a compiled layer compiles on its first call, outside the timing
                     r = bench_alternating({"ours": f_ours, "peer": f_peer}, repeats * (3 if decode else 1),
                                           warmup=3 if decode else 1, inner=200 if decode else 1)
                 elif phase in ("fwd+bwd", "fwd+bwd dense"):
