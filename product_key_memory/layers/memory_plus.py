@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_positive_int
-from .pkm import PKM
+from .pkm import PKM, real_tokens
 
 __all__ = ["MemoryPlus"]
 
@@ -38,7 +38,8 @@ class MemoryPlus(nn.Module):
         to_gate, to_out: ``dim -> dim`` linear maps without bias, initialised as ``nn.Linear``.
 
     Shape:
-        - x: ``(..., dim)``; ``input_mask``: ``x.shape[:-1]``, bool, ``True`` for real tokens.
+        - x: ``(..., dim)``; ``input_mask``: ``x.shape[:-1]``, bool, ``True`` for real tokens (or
+          ``padding_mask``, ``True`` for padding, PyTorch's polarity).
         - output: ``(..., dim)``; zero where ``input_mask`` is ``False``.
 
     Examples::
@@ -75,7 +76,11 @@ class MemoryPlus(nn.Module):
         input_mask: Optional[Tensor] = None,
         mem_trainable_mask: Optional[Tensor] = None,
         gumbel_noise_scale: float = 0.0,
+        *,
+        padding_mask: Optional[Tensor] = None,
     ) -> Tensor:
+        """``x (..., dim)`` -> ``(..., dim)``; the masks as :meth:`PKM.forward`'s."""
+        input_mask = real_tokens(input_mask, padding_mask)
         read = self.memory(x, input_mask, mem_trainable_mask, gumbel_noise_scale)  # checks the arguments
         if input_mask is not None:
             x = torch.where(input_mask.unsqueeze(-1), x, 0.0)  # padded garbage (even NaN) stays out of the gate

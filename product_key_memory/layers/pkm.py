@@ -118,7 +118,9 @@ class PKM(nn.Module):
     layout of earlier 0.4 builds loads as it is (``strict=True``), renamed on load.
 
     Shape:
-        - x: ``(..., dim)``; ``input_mask``: ``x.shape[:-1]``, bool, ``True`` for real tokens.
+        - x: ``(..., dim)``; ``input_mask``: ``x.shape[:-1]``, bool, ``True`` for real tokens; or,
+          instead of it, ``padding_mask``: the same with PyTorch's polarity (``True`` for padding,
+          as ``src_key_padding_mask`` of ``nn.TransformerEncoderLayer``).
         - ``mem_trainable_mask``: ``(num_keys ** 2,)`` bool, the value rows that may learn.
         - output: ``(..., dim)``; zero where ``input_mask`` is ``False``.
 
@@ -295,8 +297,15 @@ class PKM(nn.Module):
         input_mask: Optional[Tensor] = None,
         mem_trainable_mask: Optional[Tensor] = None,
         gumbel_noise_scale: float = 0.0,
+        *,
+        padding_mask: Optional[Tensor] = None,
     ) -> Tensor:
-        """``x (..., dim)`` -> ``(..., dim)``: query, search, scoring, value read, output."""
+        """``x (..., dim)`` -> ``(..., dim)``: query, search, scoring, value read, output.
+
+        ``input_mask`` is ``True`` for real tokens; ``padding_mask`` (keyword only) is ``True`` for
+        padding, PyTorch's polarity. Give at most one of them.
+        """
+        input_mask = real_tokens(input_mask, padding_mask)
         lead = self._check_input(x, input_mask, mem_trainable_mask, gumbel_noise_scale)
         x = x.reshape(-1, self.dim)  # (N, dim)
         mask = None
@@ -397,6 +406,21 @@ def _check_parts(query, product_keys, scoring, values, output, sizes: dict) -> N
         if got != want:
             what = "num_keys ** 2" if size == "num_slots" else size
             raise ValueError(f"{name}.{size} is {got!r} but the layer has {what}={want!r}; pass matching sizes")
+
+
+def real_tokens(input_mask: Optional[Tensor], padding_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """The mask of real tokens from either polarity: ``input_mask`` (``True`` = a real token) or
+    ``padding_mask`` (``True`` = padding, as PyTorch's ``src_key_padding_mask``); not both."""
+    if padding_mask is None:
+        return input_mask
+    if input_mask is not None:
+        raise ValueError(
+            "pass input_mask (True for real tokens) or padding_mask (True for padding, PyTorch's polarity), not both"
+        )
+    if not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool:
+        got = padding_mask.dtype if isinstance(padding_mask, Tensor) else type(padding_mask).__name__
+        raise TypeError(f"padding_mask must be a bool tensor, got {got}")
+    return ~padding_mask
 
 
 def _check_mask(name: str, mask, shape: tuple, shape_name: str, device: torch.device) -> None:
