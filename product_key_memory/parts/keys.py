@@ -67,8 +67,8 @@ class ProductKeys(nn.Module):
         if topk > num_keys:
             raise ValueError(f"topk must be at most num_keys={num_keys}, got topk={topk}")
         # errors name this part's argument and the PKM option that sets it
-        check_choice("init (PKM's key_init)", init, KEY_INITS)
-        for name, value in (("freeze (PKM's freeze_keys)", freeze), ("qk_norm", qk_norm),
+        check_choice("init / PKM's key_init", init, KEY_INITS)
+        for name, value in (("freeze / PKM's freeze_keys", freeze), ("qk_norm", qk_norm),
                             ("differentiable_topk", differentiable_topk)):
             check_bool(name, value)
         self.heads, self.num_keys, self.dim_head, self.topk = heads, num_keys, dim_head, topk

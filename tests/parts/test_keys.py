@@ -215,8 +215,8 @@ def test_differentiable_topk_ties_go_to_the_lower_slot():
     (dict(dim_head=True), ValueError, r"^dim_head must be a positive int, got True"),
     (dict(topk=-1), ValueError, r"^topk must be a positive int, got -1"),
     (dict(topk=NUM_KEYS + 1), ValueError, rf"^topk must be at most num_keys={NUM_KEYS}, got topk={NUM_KEYS + 1}"),
-    (dict(init="xavier"), ValueError, r"^init \(PKM's key_init\) must be one of \('normal', 'uniform'\), got 'xavier'"),
-    (dict(freeze=1), TypeError, r"^freeze \(PKM's freeze_keys\) must be a bool, got 1"),
+    (dict(init="xavier"), ValueError, r"^init / PKM's key_init must be one of \('normal', 'uniform'\), got 'xavier'"),
+    (dict(freeze=1), TypeError, r"^freeze / PKM's freeze_keys must be a bool, got 1"),
     (dict(qk_norm="yes"), TypeError, r"^qk_norm must be a bool, got 'yes'"),
     (dict(differentiable_topk=None), TypeError, r"^differentiable_topk must be a bool, got None"),
 ])
