@@ -76,3 +76,46 @@ def test_a_table_of_ones_own_works_with_every_helper():
     assert int(tracker.counts("1.memory")["reads"].sum()) == 4 * 6 * 2
     with pytest.raises(TypeError, match="LowRankValues cannot be sharded"):
         shard_values(model)
+
+
+class ReadOnlyValues(ValueTable):
+    supports_sparse_grad = False
+
+    def __init__(self, num_slots, dim):
+        super().__init__(num_slots, dim)
+        self.register_buffer("rows", torch.randn(num_slots, dim))
+
+    def read(self, indices, weights, *, trainable=None):
+        rows = self.rows[indices]
+        return rows.sum(-2) if weights is None else (rows * weights.unsqueeze(-1)).sum(-2)
+
+
+def test_the_base_class_contract():
+    table = ReadOnlyValues(8, 3)
+    assert (table.num_slots, table.dim, table.sparse) == (8, 3, False)
+    with pytest.raises(ValueError, match=r"^ReadOnlyValues does not give sparse gradients; sparse must be False"):
+        table.sparse = True
+    with pytest.raises(TypeError, match=r"^sparse must be a bool, got 1"):
+        LowRankValues(8, 3).sparse = 1
+    with pytest.raises(ValueError, match=r"^num_slots must be a positive int, got 0"):
+        ReadOnlyValues(0, 3)
+    with pytest.raises(ValueError, match=r"^dim must be a positive int, got -1"):
+        ReadOnlyValues(8, -1)
+    with pytest.raises(NotImplementedError):
+        ValueTable(8, 3)(torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(TypeError, match="ReadOnlyValues cannot be sharded"):
+        table.shard()
+    assert repr(table) == "ReadOnlyValues(num_slots=8, dim=3)"
+
+    # calling the table is its read, so a forward hook sees every read
+    seen = []
+    table.register_forward_hook(
+        lambda module, args, kwargs, out: seen.append((args[0].shape, kwargs)), with_kwargs=True
+    )
+    indices, weights = torch.randint(0, 8, (4, 2)), torch.rand(4, 2)
+    mask = torch.ones(8, dtype=torch.bool)
+    out = table(indices, weights, trainable=mask)
+    torch.testing.assert_close(out, table.read(indices, weights), rtol=0, atol=0)
+    assert len(seen) == 1 and seen[0][0] == (4, 2) and seen[0][1]["trainable"] is mask, "the hook missed the read"
+    low_rank = LowRankValues(8, 3)
+    assert [id(p) for p in low_rank.value_parameters()] == [id(low_rank.codes), id(low_rank.basis)]
