@@ -42,9 +42,10 @@ class ProductKeys(nn.Module):
         keys: the sub-keys, ``(heads, num_keys, 2, dim_head)`` (product-key-memory 0.3.0's layout).
 
     Shape:
-        - queries: ``(N, heads, 2, dim_head)``.
+        - queries: ``(..., heads, 2, dim_head)``.
         - output: ``scores`` (float32, float64 for float64 input) and ``slots`` (long),
-          ``(N, heads, topk)``, best first, the lower slot first on ties.
+          ``(..., heads, topk)``, best first, the lower slot first on ties (not with
+          ``differentiable_topk``, whose sub-key selection breaks ties as ``torch.topk``).
     """
 
     def __init__(
@@ -96,7 +97,7 @@ class ProductKeys(nn.Module):
             nn.init.normal_(self.keys, std=bound)
 
     def forward(self, queries: Tensor, gumbel_noise_scale: float = 0.0) -> Tuple[Tensor, Tensor]:
-        """Queries ``(N, heads, 2, dim_head)`` -> ``scores, slots`` ``(N, heads, topk)``.
+        """Queries ``(..., heads, 2, dim_head)`` -> ``scores, slots`` ``(..., heads, topk)``.
 
         ``gumbel_noise_scale`` adds Gumbel noise to the sub-key scores in training (exploration).
         """
