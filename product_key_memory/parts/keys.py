@@ -42,9 +42,10 @@ class ProductKeys(nn.Module):
         keys: the sub-keys, ``(heads, num_keys, 2, dim_head)`` (product-key-memory 0.3.0's layout).
 
     Shape:
-        - queries: ``(N, heads, 2, dim_head)``.
+        - queries: ``(..., heads, 2, dim_head)``.
         - output: ``scores`` (float32, float64 for float64 input) and ``slots`` (long),
-          ``(N, heads, topk)``, best first, the lower slot first on ties.
+          ``(..., heads, topk)``, best first, the lower slot first on ties (not with
+          ``differentiable_topk``, whose sub-key selection breaks ties as ``torch.topk``).
     """
 
     def __init__(
@@ -66,8 +67,10 @@ class ProductKeys(nn.Module):
             check_positive_int(name, value)
         if topk > num_keys:
             raise ValueError(f"topk must be at most num_keys={num_keys}, got topk={topk}")
-        check_choice("key_init", init, KEY_INITS)
-        for name, value in (("freeze_keys", freeze), ("qk_norm", qk_norm), ("differentiable_topk", differentiable_topk)):
+        # errors name this part's argument and the PKM option that sets it
+        check_choice("init / PKM's key_init", init, KEY_INITS)
+        for name, value in (("freeze / PKM's freeze_keys", freeze), ("qk_norm", qk_norm),
+                            ("differentiable_topk", differentiable_topk)):
             check_bool(name, value)
         self.heads, self.num_keys, self.dim_head, self.topk = heads, num_keys, dim_head, topk
         self.init, self.qk_norm, self.differentiable_topk = init, qk_norm, differentiable_topk
@@ -94,7 +97,7 @@ class ProductKeys(nn.Module):
             nn.init.normal_(self.keys, std=bound)
 
     def forward(self, queries: Tensor, gumbel_noise_scale: float = 0.0) -> Tuple[Tensor, Tensor]:
-        """Queries ``(N, heads, 2, dim_head)`` -> ``scores, slots`` ``(N, heads, topk)``.
+        """Queries ``(..., heads, 2, dim_head)`` -> ``scores, slots`` ``(..., heads, topk)``.
 
         ``gumbel_noise_scale`` adds Gumbel noise to the sub-key scores in training (exploration).
         """

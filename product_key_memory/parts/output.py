@@ -49,9 +49,10 @@ class MemoryOutput(nn.Module):
         super().__init__()
         for name, value in (("dim", dim), ("value_dim", value_dim), ("heads", heads)):
             check_positive_int(name, value)
-        check_bool("concat_heads", concat_heads)
-        check_bool("norm_output", norm)
-        check_probability("value_dropout", dropout)
+        # errors name this part's argument and the PKM option that sets it
+        check_bool("concat_heads / PKM's concat_values_and_combine", concat_heads)
+        check_bool("norm / PKM's norm_output", norm)
+        check_probability("dropout / PKM's value_dropout", dropout)
         factory = dict(device=device, dtype=dtype)
         self.dim, self.value_dim, self.heads, self.concat_heads = dim, value_dim, heads, concat_heads
         project = not concat_heads and value_dim != dim

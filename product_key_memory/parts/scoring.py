@@ -40,8 +40,9 @@ class Scoring(nn.Module):
         super().__init__()
         check_positive_float("temperature", temperature)
         check_choice("activation", activation, PF.SCORE_ACTIVATIONS)
-        check_choice("score_subtract", subtract, (None,) + PF.SCORE_SUBTRACTS)
-        check_probability("attn_dropout", dropout)
+        # errors name this part's argument and the PKM option that sets it
+        check_choice("subtract / PKM's score_subtract", subtract, (None,) + PF.SCORE_SUBTRACTS)
+        check_probability("dropout / PKM's attn_dropout", dropout)
         self.temperature, self.activation = float(temperature), activation
         self.subtract, self.normalize = subtract, bool(normalize)
         self.attn_dropout = nn.Dropout(dropout)

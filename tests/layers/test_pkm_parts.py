@@ -1,4 +1,4 @@
-"""A layer built from parts: the same layer as the builder's, and tables of a user's own everywhere."""
+"""A layer built from parts: the same layer as the builder's; a part passed in is used as given."""
 
 import pytest
 import torch
@@ -8,17 +8,9 @@ from product_key_memory import (
     PKM,
     EmbeddingValues,
     MemoryOutput,
-    MemoryPlus,
-    MemoryUsageTracker,
     ProductKeys,
     QueryNetwork,
     Scoring,
-    ValueTable,
-    build_optimizer,
-    clip_grad_norm_,
-    fetch_optimizer_parameters,
-    fetch_pkm_value_parameters,
-    shard_values,
 )
 
 SIZES = dict(heads=2, num_keys=8, topk=4, dim_head=8)
@@ -79,62 +71,3 @@ def test_a_part_passed_in_is_used_as_given_and_sizes_must_chain():
         PKM(16, **SIZES, values=EmbeddingValues(16, 16))
     with pytest.raises(TypeError, match="scoring must be a Scoring"):
         PKM(16, **SIZES, scoring=nn.Softmax(-1))
-
-
-class LowRankValues(ValueTable):
-    """A table of two matrices: row ``i`` is ``codes[i] @ basis`` (as an expert table would be)."""
-
-    def __init__(self, num_slots, dim, rank=3):
-        super().__init__(num_slots, dim)
-        self.codes = nn.Parameter(torch.empty(num_slots, rank))
-        self.basis = nn.Parameter(torch.empty(rank, dim))
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        nn.init.normal_(self.codes)
-        nn.init.normal_(self.basis, std=self.dim**-0.5)
-
-    def read(self, indices, weights, *, trainable=None):
-        rows = self.codes[indices] @ self.basis  # (..., m, dim)
-        return (rows * weights.unsqueeze(-1)).sum(-2)
-
-
-class OwnMemory(nn.Module):
-    """A memory that is not a PKM: a linear query over the slots, reading a ValueTable."""
-
-    def __init__(self, dim, values):
-        super().__init__()
-        self.dim = dim
-        self.to_scores = nn.Linear(dim, values.num_slots)
-        self.values = values
-
-    def forward(self, x, input_mask=None, mem_trainable_mask=None, gumbel_noise_scale=0.0):
-        scores, indices = self.to_scores(x).topk(2, dim=-1)
-        return self.values(indices, scores.softmax(-1))
-
-
-def test_a_table_of_ones_own_works_with_every_helper():
-    torch.manual_seed(0)
-    mine, other = LowRankValues(64, 16), LowRankValues(64, 16)
-    model = nn.Sequential(PKM(16, **SIZES, values=mine), MemoryPlus(16, memory=OwnMemory(16, other)))
-    values, rest = fetch_pkm_value_parameters(model)
-    assert {id(p) for p in values} == {id(mine.codes), id(mine.basis), id(other.codes), id(other.basis)}
-    assert len(values) + len(rest) == len(list(model.parameters()))
-    assert fetch_optimizer_parameters(model, 0.5)[1]["lr"] == 0.5
-
-    tracker = MemoryUsageTracker(model)
-    assert list(tracker.layers) == ["0", "1.memory"]
-    opt = build_optimizer(model, lr=1e-2, pkm_learning_rate=1e-1)
-    assert mine.sparse and other.sparse  # its own read gives dense gradients, which SparseRowAdam takes too
-    x = torch.randn(4, 6, 16)
-    before = mine.basis.detach().clone()
-    with tracker:
-        model(x).square().mean().backward()
-    total = clip_grad_norm_(model, 1e-3)
-    assert total > 1e-3
-    opt.step()
-    assert not torch.equal(mine.basis, before)
-    assert int(tracker.counts("0")["reads"].sum()) == 4 * 6 * SIZES["heads"] * SIZES["topk"]
-    assert int(tracker.counts("1.memory")["reads"].sum()) == 4 * 6 * 2
-    with pytest.raises(TypeError, match="LowRankValues cannot be sharded"):
-        shard_values(model)
