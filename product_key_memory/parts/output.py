@@ -29,7 +29,7 @@ class MemoryOutput(nn.Module):
 
     Keyword-only args:
         concat_heads: per-head reads, concatenated and projected.
-        dropout: dropout on the output (``value_dropout``).
+        dropout: dropout on the output (``value_dropout``; ``0`` leaves the piece out: ``None``).
         norm: LayerNorm the output.
         device, dtype: factory kwargs.
     """
@@ -59,7 +59,7 @@ class MemoryOutput(nn.Module):
         # registered even when absent (None), so a layer holding these pieces shows them
         self.register_module("combine", nn.Linear(heads * value_dim, dim, bias=False, **factory) if concat_heads else None)
         self.register_module("value_proj", nn.Linear(value_dim, dim, bias=False, **factory) if project else None)
-        self.value_dropout = nn.Dropout(dropout)
+        self.register_module("value_dropout", nn.Dropout(dropout) if dropout > 0 else None)  # p = 0: absent
         self.output_norm = nn.LayerNorm(dim, **factory) if norm else nn.Identity()
 
     def project(self, read: Tensor) -> Tensor:
@@ -69,7 +69,10 @@ class MemoryOutput(nn.Module):
         return read if self.value_proj is None else self.value_proj(read)
 
     def forward(self, read: Tensor) -> Tensor:
-        return self.output_norm(self.value_dropout(self.project(read)))
+        out = self.project(read)
+        if self.value_dropout is not None:
+            out = self.value_dropout(out)
+        return self.output_norm(out)
 
     def reset_parameters(self) -> None:
         for module in (self.combine, self.value_proj, self.output_norm):

@@ -124,12 +124,12 @@ class QueryNetwork(nn.Module):
 
     Keyword-only args:
         pre_norm: LayerNorm the input first (``pre_layernorm``).
-        input_dropout: dropout on the (normalised) input.
+        input_dropout: dropout on the (normalised) input (``0`` leaves the piece out: ``None``).
         hidden: sizes of hidden layers before the projection, each ``Linear, [BatchNorm], ReLU``.
         hidden_batchnorm: a masked batch norm after each hidden linear layer.
         bias: biases in the projection and hidden layers.
         norm: the query norm, one of :data:`QUERY_NORMS`.
-        query_dropout: dropout on the normalised queries.
+        query_dropout: dropout on the normalised queries (``0`` leaves the piece out: ``None``).
         device, dtype: factory kwargs.
 
     Its pieces keep product-key-memory 0.3.0's names (``pre_layernorm``, ``to_queries``,
@@ -168,20 +168,25 @@ class QueryNetwork(nn.Module):
         factory = dict(device=device, dtype=dtype)
         self.dim, self.heads, self.dim_head, self.norm_kind = dim, heads, dim_head, norm
         self.pre_layernorm = nn.LayerNorm(dim, **factory) if pre_norm else nn.Identity()
-        self.input_dropout = nn.Dropout(input_dropout)
+        # a dropout of p = 0 is an absent piece (None), as an absent hidden network is
+        self.register_module("input_dropout", nn.Dropout(input_dropout) if input_dropout > 0 else None)
         hidden_layers = QueryMLP(dim, hidden, bias=bias, batchnorm=hidden_batchnorm, **factory) if hidden else None
         self.register_module("query_hidden", hidden_layers)  # registered even when absent (None)
         query_in = dim if self.query_hidden is None else self.query_hidden.out_features
         self.to_queries = nn.Linear(query_in, 2 * heads * dim_head, bias=bias, **factory)  # rows (half, head, d)
         self.norm = query_norm(norm, heads, dim_head, **factory)
-        self.query_dropout = nn.Dropout(query_dropout)
+        self.register_module("query_dropout", nn.Dropout(query_dropout) if query_dropout > 0 else None)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        x = self.input_dropout(self.pre_layernorm(x))
+        x = self.pre_layernorm(x)
+        if self.input_dropout is not None:
+            x = self.input_dropout(x)
         if self.query_hidden is not None:
             x = self.query_hidden(x, mask)
         q = self.to_queries(x).unflatten(-1, (2, self.heads, self.dim_head))  # (N, 2, H, d)
-        q = self.query_dropout(self.norm(q, mask))
+        q = self.norm(q, mask)
+        if self.query_dropout is not None:
+            q = self.query_dropout(q)
         return q.transpose(1, 2)  # (N, H, 2, d)
 
     def reset_parameters(self) -> None:

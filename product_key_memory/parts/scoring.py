@@ -25,7 +25,7 @@ class Scoring(nn.Module):
         subtract: ``None``, ``"min"``, ``"mean"`` or ``"median"`` of each row, subtracted last
             but one.
         normalize: L1-normalise each row last.
-        dropout: dropout on the weights (``attn_dropout``).
+        dropout: dropout on the weights (``attn_dropout``; ``0`` leaves the piece out: ``None``).
     """
 
     def __init__(
@@ -45,7 +45,7 @@ class Scoring(nn.Module):
         check_probability("dropout / PKM's attn_dropout", dropout)
         self.temperature, self.activation = float(temperature), activation
         self.subtract, self.normalize = subtract, bool(normalize)
-        self.attn_dropout = nn.Dropout(dropout)
+        self.register_module("attn_dropout", nn.Dropout(dropout) if dropout > 0 else None)  # p = 0: absent
 
     def forward(self, scores: Tensor) -> Tensor:
         weights = PF.rescore(
@@ -55,7 +55,7 @@ class Scoring(nn.Module):
             subtract=self.subtract,
             normalize=self.normalize,
         )
-        return self.attn_dropout(weights)
+        return weights if self.attn_dropout is None else self.attn_dropout(weights)
 
     def extra_repr(self) -> str:
         s = f"activation={self.activation!r}"

@@ -2,7 +2,7 @@
 
 Forward output and every parameter gradient, then two ``SparseRowAdam`` steps from
 ``build_optimizer``. Without CUDA the kernels run on CPU tensors under
-``TRITON_INTERPRET=1`` (set below, as tests/ops/conftest.py does for the op tests) at small sizes;
+``TRITON_INTERPRET=1`` (set by tests/conftest.py) at small sizes;
 tests marked ``cuda`` repeat them at the README size on a GPU.
 """
 
@@ -16,10 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from torch.testing import assert_close
-
-if not torch.cuda.is_available():
-    # before any kernel is defined (the kernel modules are imported at their first launch)
-    os.environ["TRITON_INTERPRET"] = "1"
 
 pytest.importorskip("triton")
 

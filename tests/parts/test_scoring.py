@@ -95,7 +95,7 @@ def test_argument_errors_name_the_argument(kwargs, error, match):
 
 
 def test_extra_repr_shows_changed_options():
-    assert repr(Scoring()) == "Scoring(\n  activation='softmax'\n  (attn_dropout): Dropout(p=0.0, inplace=False)\n)"
+    assert repr(Scoring()) == "Scoring(\n  activation='softmax'\n  (attn_dropout): None\n)"
     assert "activation='relu', temperature=0.5, subtract='min', normalize=True" in repr(
         Scoring(activation="relu", temperature=0.5, subtract="min", normalize=True)
     )
