@@ -66,6 +66,12 @@ class QuantizedValues(ValueTable):
     dequantized in plain torch (:func:`dequantize_rows`). The sums are in float32 and
     the output has ``out_dtype``, the dtype of the float table it was made from.
 
+    Casts: ``.half()``, ``.bfloat16()``, ``.float()``, ``.double()`` and ``.to(dtype)`` of the table
+    or of a model holding it set ``out_dtype`` (as quantizing the cast model would) and leave the
+    stored codes and ``format`` as quantized; device moves move the buffers. So casting a model
+    after :func:`quantize_values_` gives the output dtype that casting before gives. (``Module.type``,
+    which would convert the integer buffers too, raises ``TypeError``.)
+
     Error per stored element ``x`` of a row with range ``[lo, hi]`` (what the tests check):
 
     * ``int8``: ``|x - x'| <= (hi - lo) / 255 / 2`` (plus float32 rounding);
@@ -122,6 +128,29 @@ class QuantizedValues(ValueTable):
                 rows = weight[start : start + step]
                 store[start : start + step] = rows.to(store.dtype) if fmt in _HALF else quantize_rows(rows, fmt)
         return table
+
+    def _apply(self, fn, recurse=True):
+        # Module casts (.half(), .bfloat16(), .double(), .to(dtype)) convert every float buffer; here
+        # they set the output dtype instead, and the stored codes only move (device, memory format).
+        # The half store goes through as an int16 view, which the casts leave alone.
+        half = self.format in _HALF
+        probe = fn(torch.empty(0, dtype=self.out_dtype, device=self._store.device))
+        if half:
+            self._buffers["weight"] = self._buffers["weight"].view(torch.int16)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            store = self._store
+            if store.dtype != (torch.int16 if half else torch.uint8):
+                raise TypeError(
+                    f"QuantizedValues ({self.format}) cannot take a cast of its integer buffers (to {store.dtype}): "
+                    "the stored codes stay as quantized; cast with .to(dtype), .half(), .bfloat16(), .double()"
+                )
+            if half:
+                self._buffers["weight"] = store.view(_HALF[self.format])
+        if isinstance(probe, Tensor) and probe.is_floating_point():
+            self.out_dtype = probe.dtype
+        return self
 
     def nbytes(self) -> int:
         """Bytes of the stored table."""
