@@ -310,3 +310,12 @@ def test_quantized_transformer_lm_cast_to_bfloat16(fmt):
     with torch.no_grad():
         logits = model(tokens)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("fmt, value", [("int4", 7e4), (torch.float16, -1e5), (torch.int8, float("nan"))], ids=str)
+def test_quantize_values_refuses_what_the_format_cannot_hold_naming_table_and_value(fmt, value):
+    model = nn.ModuleDict(dict(table=EmbeddingValues(16, 8)))
+    with torch.no_grad():
+        model["table"].weight[5] = value
+    with pytest.raises(ValueError, match=rf"'table'.*row 5.*{value!r}"):
+        quantize_values_(model, fmt)
