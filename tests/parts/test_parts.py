@@ -138,3 +138,13 @@ def test_a_table_of_ones_own_works_with_every_helper():
     assert int(tracker.counts("1.memory")["reads"].sum()) == 4 * 6 * 2
     with pytest.raises(TypeError, match="LowRankValues cannot be sharded"):
         shard_values(model)
+
+
+def test_product_keys_refuse_num_keys_past_the_limit_of_every_backend():
+    from product_key_memory.ops.search import MAX_NUM_KEYS
+    from product_key_memory.parts.keys import ProductKeys
+
+    assert MAX_NUM_KEYS == 65536
+    with pytest.raises(ValueError, match=r"num_keys must be at most 65536 .* got num_keys=65537"):
+        ProductKeys(heads=1, num_keys=65537, dim_head=1, topk=1, device="meta")
+    ProductKeys(heads=1, num_keys=65536, dim_head=1, topk=1, device="meta")  # the limit itself is held

@@ -33,8 +33,9 @@ from ..backend import backend_for
 from ..topk import topk_lower_index
 from . import reference
 from . import torch_impl
+from .reference import MAX_NUM_KEYS, check_num_keys
 
-__all__ = ["search", "subkey_scores", "product_topk", "candidate_pairs", "gumbel_noise_like"]
+__all__ = ["MAX_NUM_KEYS", "check_num_keys", "search", "subkey_scores", "product_topk", "candidate_pairs", "gumbel_noise_like"]
 
 TopkFn = Callable[[Tensor, int], Tuple[Tensor, Tensor]]
 
@@ -121,7 +122,8 @@ def search(
     Args:
         queries: ``(N, heads, 2, dim_key)``, any strides with a unit last stride.
         keys: ``(heads, 2, num_keys, dim_key)``, the same (a layer's keys are a transposed view).
-        topk: slots per head, ``1 <= topk <= num_keys``.
+        topk: slots per head, ``1 <= topk <= num_keys``; ``num_keys <= MAX_NUM_KEYS`` (65536,
+            ``ValueError`` past it) on every backend.
         subkey_topk: replaces the per-half selection (e.g. a differentiable top-k); it must
             return values sorted best first.
         gumbel_noise_scale: standard Gumbel noise times this is added to the sub-key scores.
@@ -130,6 +132,7 @@ def search(
         ``scores`` differentiable w.r.t. ``queries`` and ``keys``, and ``slots``
         ``i1 * num_keys + i2``, best first, the lower slot first on ties.
     """
+    reference.check_num_keys(keys.shape[-2])
     if torch.compiler.is_exporting():
         return product_topk(reference.subkey_scores(queries, keys), topk, subkey_topk=subkey_topk)
     if subkey_topk is not None or gumbel_noise_scale > 0.0:

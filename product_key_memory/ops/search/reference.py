@@ -14,7 +14,20 @@ from torch import Tensor
 
 from ..topk.reference import topk_lower_index as stable_topk
 
-__all__ = ["score_dtype", "subkey_scores", "product_topk", "search", "brute_force_search"]
+__all__ = ["MAX_NUM_KEYS", "check_num_keys", "score_dtype", "subkey_scores", "product_topk", "search", "brute_force_search"]
+
+# slots i1 * num_keys + i2 lie below num_keys ** 2 <= 2 ** 32: the 32 index bits of the keyed top-k and
+# of the Triton kernel's packed keys (which takes up to 46340, and hands larger tables to torch)
+MAX_NUM_KEYS = 2**16
+
+
+def check_num_keys(num_keys: int) -> None:
+    """``ValueError`` for ``num_keys`` past :data:`MAX_NUM_KEYS`, the limit of every backend."""
+    if num_keys > MAX_NUM_KEYS:
+        raise ValueError(
+            f"num_keys must be at most {MAX_NUM_KEYS} (num_keys ** 2 = {num_keys ** 2} slots; every backend "
+            f"holds a slot in 32 bits), got num_keys={num_keys}"
+        )
 
 TopkFn = Callable[[Tensor, int], Tuple[Tensor, Tensor]]
 

@@ -298,3 +298,23 @@ def test_candidate_pairs_returns_a_copy():
         for got in (entry.search(q, keys, 5), PF.product_key_search(q, keys, 5),
                     PF.product_topk(PF.subkey_scores(q, keys), 5)):
             check_exact(got, before, "search after writing to candidate_pairs")
+
+
+# -- limits ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_num_keys_at_the_limit_keeps_the_tie_rule_and_past_it_is_refused(backend):
+    num_keys = entry.MAX_NUM_KEYS  # slots up to 2 ** 32 - 1
+    keys = torch.zeros(1, num_keys, 2, 1)
+    keys[0, -6:, 0], keys[0, -3:, 1] = 1.0, 1.0  # 18 slots tie at the top, near 2 ** 32
+    keys = keys.transpose(1, 2)  # (1, 2, K, 1)
+    q = torch.ones(2, 1, 2, 1)
+    want = reference.search(q, keys, 4)
+    assert int(want[1].min()) > 2**32 - 6 * num_keys
+    with use_backend(backend):
+        for mode, got in _modes(q, keys, 4).items():
+            check_exact(got, want, f"{backend}, {mode}")
+        too_many = torch.zeros(1, 2, num_keys + 1, 1)
+        with pytest.raises(ValueError, match=r"num_keys must be at most 65536 .* got num_keys=65537"):
+            entry.search(q, too_many, 4)

@@ -163,3 +163,15 @@ def test_exported_entry_keeps_the_tie_rule(with_index):
     for t in (x, other):
         got = ep.module()(t) if index is None else ep.module()(t, index)
         check(got, reference.topk_lower_index(t, 6, index), "exported")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [5, 40])
+def test_entry_keeps_the_tie_rule_for_indices_past_32_bits(dtype, width):
+    # the slots of a search with num_keys > 65536 (which ProductKeys refuses) and any index a caller passes
+    gen = torch.Generator().manual_seed(0)
+    x = tied((3, width), dtype, levels=1, gen=gen)
+    index = torch.randperm(width, generator=gen).expand(3, -1) * 70001 + torch.tensor([[0], [2**32 - 5], [5 * 2**32]])
+    want = reference.topk_lower_index(x, 4, index)
+    check(entry.topk_lower_index(x, 4, index), want, "entry")
+    check(export.topk_lower_index(x, 4, index), want, "export")
