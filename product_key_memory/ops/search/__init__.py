@@ -3,7 +3,8 @@
 ``search(queries, keys, topk)``: half-queries ``(N, heads, 2, dim_key)`` and sub-keys
 ``(heads, 2, num_keys, dim_key)`` -> the ``topk`` best of the ``num_keys ** 2`` slots per head,
 ``scores`` (float32, float64 for float64 input) and ``slots`` (long) ``(N, heads, topk)``, best
-first, the lower slot first on equal scores.
+first, the lower slot first on equal scores; non-finite sub-key scores are bounded first, on every
+backend (:func:`.reference.bounded_scores`).
 
 Implementations: :mod:`.reference` (the specification), :mod:`.torch_impl`, :mod:`.triton_impl`.
 :func:`search` decides, in this order:
@@ -174,6 +175,7 @@ def product_topk(sub_scores: Tensor, topk: int, *, subkey_topk: Optional[TopkFn]
     if _reference_backend(sub_scores.device):
         return reference.product_topk(sub_scores, topk, subkey_topk=subkey_topk)
     num_keys = sub_scores.shape[-1]
+    sub_scores = reference.bounded_scores(sub_scores)  # the rule for non-finite inputs (reference.py)
     best, best_idx = (topk_lower_index if subkey_topk is None else subkey_topk)(sub_scores, topk)
     (s1, s2), (i1, i2) = best.unbind(-2), best_idx.unbind(-2)
     # a graph holds the pairs as a constant; eager code reads the cache
