@@ -9,6 +9,8 @@ backend (:func:`.reference.bounded_scores`).
 Implementations: :mod:`.reference` (the specification), :mod:`.torch_impl`, :mod:`.triton_impl`.
 :func:`search` decides, in this order:
 
+0. under a ``torch.func`` transform (``grad``, ``vmap``, ...): :mod:`.reference` in plain ops, which
+   the transforms differentiate and batch;
 1. while ``torch.export`` traces: the sub-key scores and the pruned two-stage search in
    plain ops (:func:`product_topk` with the exportable top-k), so exported graphs hold no
    custom op and the ONNX exporter translates them;
@@ -30,13 +32,15 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..backend import backend_for
+from ..backend import backend_for, functorch_active
 from ..topk import topk_lower_index
 from . import reference
 from . import torch_impl
 from .reference import MAX_NUM_KEYS, check_num_keys
 
-__all__ = ["MAX_NUM_KEYS", "check_num_keys", "search", "subkey_scores", "product_topk", "candidate_pairs", "gumbel_noise_like"]
+__all__ = [
+    "MAX_NUM_KEYS", "check_num_keys", "search", "subkey_scores", "product_topk", "candidate_pairs", "gumbel_noise_like"
+]
 
 TopkFn = Callable[[Tensor, int], Tuple[Tensor, Tensor]]
 
@@ -134,6 +138,11 @@ def search(
         ``i1 * num_keys + i2``, best first, the lower slot first on ties.
     """
     reference.check_num_keys(keys.shape[-2])
+    if functorch_active():
+        sub = reference.subkey_scores(queries, keys)
+        if gumbel_noise_scale > 0.0:  # vmap needs randomness="different" or "same" for it, as for dropout
+            sub = sub + gumbel_noise_like(sub) * gumbel_noise_scale
+        return reference.product_topk(sub, topk, subkey_topk=subkey_topk)
     if torch.compiler.is_exporting():
         return product_topk(reference.subkey_scores(queries, keys), topk, subkey_topk=subkey_topk)
     if subkey_topk is not None or gumbel_noise_scale > 0.0:

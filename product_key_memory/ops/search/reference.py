@@ -10,10 +10,10 @@ On equal scores the lower slot wins (:func:`..topk.reference.topk_lower_index`).
 Non-finite inputs (an inf sub-key, an inf half-query, NaN): the sub-key scores are bounded first,
 :func:`bounded_scores`: ``+inf`` and finite scores past ``2 ** 125`` count as ``2 ** 125``, ``-inf``,
 NaN and scores below ``-2 ** 125`` as ``-2 ** 125``. Every slot score is then the finite sum of two
-bounded scores (no NaN from ``inf - inf``, no inf), and every backend ranks the same numbers. A finite score beyond the bound
-(``4.25e37``) is never reached by any sensible input. A bounded score absorbs the other half's
-score in the sum (``2 ** 125 + x == 2 ** 125``), so there the answer is the candidate pairs' (below),
-not necessarily the brute force's.
+bounded scores (no NaN from ``inf - inf``, no inf), and every backend ranks the same numbers. No
+sensible input reaches the bound (``4.25e37``). A bounded score absorbs the other half's score in
+the sum (``2 ** 125 + x == 2 ** 125``), so there the answer is the candidate pairs' (above), not
+necessarily the brute force's.
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ from torch import Tensor
 
 from ..topk.reference import topk_lower_index as stable_topk
 
-__all__ = ["MAX_NUM_KEYS", "check_num_keys", "SCORE_BOUND", "bounded_scores", "score_dtype", "subkey_scores", "product_topk", "search", "brute_force_search"]
+__all__ = [
+    "MAX_NUM_KEYS", "check_num_keys", "SCORE_BOUND", "bounded_scores", "score_dtype", "subkey_scores", "product_topk",
+    "search", "brute_force_search",
+]
 
 # slots i1 * num_keys + i2 lie below num_keys ** 2 <= 2 ** 32: the 32 index bits of the keyed top-k and
 # of the Triton kernel's packed keys (which takes up to 46340, and hands larger tables to torch)

@@ -37,7 +37,8 @@ from .._triton import check_device
 __all__ = ["search"]
 
 _MAX_INDEX = 2**31 - 1  # slots must fit below this in the low half of a packed key
-SCORE_BOUND: tl.constexpr = tl.constexpr(2.0**125)  # reference.SCORE_BOUND (test_search.py runs both on non-finite input)
+# reference.SCORE_BOUND (test_search.py runs both on non-finite input)
+SCORE_BOUND: tl.constexpr = tl.constexpr(2.0**125)
 
 
 @triton.jit

@@ -1,7 +1,8 @@
 """The tie-ruled top-k (``x.topk(k)`` where equal values go to the lower index), used by the
 search and the KNN memory. :func:`topk_lower_index` is the one entry; it routes:
 
-* values that need a gradient, and float64 without one: :mod:`.reference` (a stable sort);
+* values that need a gradient, float64 without one, and under a ``torch.func`` transform:
+  :mod:`.reference` (a stable sort);
 * while ``torch.export`` traces: :mod:`.export` (ops the ONNX exporter translates);
 * under ``torch.compile``: :func:`.torch_impl.topk_keyed` (score code and index in one int64 key;
   no data-dependent branch);
@@ -21,6 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..backend import functorch_active
 from . import export, reference
 from .torch_impl import topk_distinct_first, topk_keyed
 
@@ -47,7 +49,7 @@ def topk_lower_index(
     """
     if torch.compiler.is_exporting():
         return export.topk_lower_index(x, k, index)
-    if x.dtype == torch.float64 or (x.requires_grad and torch.is_grad_enabled()):
+    if x.dtype == torch.float64 or (x.requires_grad and torch.is_grad_enabled()) or functorch_active():
         return reference.topk_lower_index(x, k, index)
     if torch.compiler.is_compiling():
         # no data-dependent branch in a graph, and positions made here: the cached ones are built

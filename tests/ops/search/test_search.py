@@ -373,3 +373,23 @@ def test_non_finite_rule_equals_brute_force_where_no_sum_absorbs():
     keys[0, 0, 2, 0], keys[1, 0, 5, 1], keys[0, 0, 7, 3] = float("inf"), float("nan"), -float("inf")
     for topk in (1, 5, 9):
         check_exact(reference.search(q, keys, topk), reference.brute_force_search(q, keys, topk), f"topk={topk}")
+
+
+# -- torch.func -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_under_torch_func_grad_and_vmap(backend):
+    q, keys = exact_inputs(3, 2, 9, 4)
+    q = q + 0.1 * torch.randn(q.shape, generator=torch.Generator().manual_seed(0))  # distinct scores
+    up = torch.randn(3, 2, 5)
+    with use_backend(backend):
+        want = entry.search(q, keys, 5)
+        qg, kg = q.clone().requires_grad_(), keys.clone().requires_grad_()
+        want_grads = torch.autograd.grad(entry.search(qg, kg, 5)[0], (qg, kg), up)
+        got_grads = torch.func.grad(lambda a, b: (entry.search(a, b, 5)[0] * up).sum(), argnums=(0, 1))(q, keys)
+        for g, w, name in zip(got_grads, want_grads, ("queries", "keys")):
+            assert_close(g, w, msg=f"{backend}: grad of {name}")
+        # vmap over a leading batch of query sets: each as its own search
+        scores, slots = torch.func.vmap(lambda a: entry.search(a, keys, 5))(q.unsqueeze(1))
+    check_exact((scores.squeeze(1), slots.squeeze(1)), want, f"{backend}: vmap")
