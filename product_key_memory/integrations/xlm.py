@@ -198,6 +198,10 @@ def from_xlm(state_dict: Mapping[str, Tensor], *, topk: int, prefix: str = "", *
     for name in ("keys",) + (() if shared is not None else ("values.weight",)):
         if name not in sd:
             raise ValueError(f"state_dict has no {prefix + name!r}: not a product-key memory of the reference code")
+    for name, t in sd.items():
+        # an int or bool table would reach nn.Parameter's "Only Tensors of floating point ..." instead
+        if not name.endswith("num_batches_tracked") and not t.is_floating_point():
+            raise ValueError(f"state_dict entry {prefix + name!r} must be a float tensor, got {t.dtype}")
     keys = sd["keys"]
     table = sd["values.weight"] if shared is None else getattr(shared, "weight", None)
     if not isinstance(table, Tensor):

@@ -17,12 +17,24 @@ from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["BACKENDS", "use_backend", "backend_for", "triton_available"]
+__all__ = ["BACKENDS", "use_backend", "backend_for", "triton_available", "functorch_active"]
 
 BACKENDS = ("reference", "torch", "triton")
 
 # set only by use_backend, which restores it; a ContextVar is per thread and per task
 _FORCED: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("product_key_memory_backend", default=None)
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...) is running.
+
+    The entries then take their ``reference.py`` in plain ops, which the transforms differentiate
+    and batch: a custom op's autograd (``register_autograd``) raises under them, and the fast
+    implementations use ``out=`` calls and read values back (``.item()``), which ``vmap`` cannot batch.
+    """
+    # what torch.autograd.Function asks before it refuses a transform (PyTorch has no public spelling)
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active is not None and active())
 
 
 @functools.lru_cache(maxsize=None)

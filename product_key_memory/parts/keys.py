@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .. import functional as PF
 from .._checks import check_bool, check_choice, check_positive_int
+from ..ops.search import check_num_keys
 
 __all__ = ["ProductKeys", "KEY_INITS"]
 
@@ -27,6 +28,8 @@ class ProductKeys(nn.Module):
 
     Args:
         heads, num_keys, dim_head: sizes; ``topk``: slots chosen per head (``<= num_keys``).
+            ``num_keys`` is at most 65536 (``ops.search.MAX_NUM_KEYS``; a slot is held in 32 bits
+            on every backend): larger raises ``ValueError``.
 
     Keyword-only args:
         init: ``"normal"`` (std ``dim_head ** -0.5``, 0.3.0) or ``"uniform"``
@@ -67,6 +70,7 @@ class ProductKeys(nn.Module):
             check_positive_int(name, value)
         if topk > num_keys:
             raise ValueError(f"topk must be at most num_keys={num_keys}, got topk={topk}")
+        check_num_keys(num_keys)
         # errors name this part's argument and the PKM option that sets it
         check_choice("init / PKM's key_init", init, KEY_INITS)
         for name, value in (("freeze / PKM's freeze_keys", freeze), ("qk_norm", qk_norm),

@@ -66,13 +66,27 @@ class QuantizedValues(ValueTable):
     dequantized in plain torch (:func:`dequantize_rows`). The sums are in float32 and
     the output has ``out_dtype``, the dtype of the float table it was made from.
 
-    Error per stored element ``x`` of a row with range ``[lo, hi]`` (what the tests check):
+    Casts: ``.half()``, ``.bfloat16()``, ``.float()``, ``.double()`` and ``.to(dtype)`` of the table
+    or of a model holding it set ``out_dtype`` (as quantizing the cast model would) and leave the
+    stored codes and ``format`` as quantized; device moves move the buffers. So casting a model
+    after :func:`quantize_values_` gives the output dtype that casting before gives. (``Module.type``,
+    which would convert the integer buffers too, raises ``TypeError``.)
 
-    * ``int8``: ``|x - x'| <= (hi - lo) / 255 / 2`` (plus float32 rounding);
-    * ``int4``: ``|x - x'| <= s / 2`` with ``s = fp16((hi - fp16(lo)) / 15)``, i.e. about
-      ``(hi - lo) / 15 / 2``, plus ``|lo - fp16(lo)|`` when the top code saturates;
+    Error per stored element ``x`` of a row with range ``[lo, hi]``, true for every row the
+    format holds (tests/ops/quantized_read checks ranges from 1e-10 to 1e6), ``r`` the float32
+    rounding of packing and reading, ``r = 2**-21 (hi - lo) + 2**-23 max(|lo|, |hi|)``:
+
+    * ``int8``: ``|x - x'| <= (hi - lo) / 510 + r`` (half a step: the code is the nearest one);
+    * ``int4``: ``|x - x'| <= |s| / 2 + |lo - o| + 15 e + r`` with ``o = fp16(lo)``,
+      ``s' = (hi - o) / 15``, ``s = fp16(s')`` and ``e = max(2**-11 |s'|, 2**-25)`` (the rounding
+      of ``s'`` to float16): half a step, and where a code saturates at 0 or 15, the offset's and
+      the scale's rounding. For most rows about ``(hi - lo) / 30``;
     * ``bfloat16``: ``|x - x'| <= 2**-8 |x|``; ``float16``: ``2**-11 |x|`` (round to nearest,
-      half an ulp; float16 has subnormals below ``2**-14`` and overflows past 65504).
+      half an ulp; float16 has subnormals below ``2**-14``).
+
+    Values a format cannot hold raise ``ValueError`` naming the row (never NaN): non-finite values
+    and ranges beyond float32 in int8 and int4, ``|lo| >= 65520`` or ``s' >= 65520`` in int4 (its
+    float16 offset and scale), values past 65504 in float16 (:func:`quantize_rows`).
 
     A half-format read also rounds the read weights and the output to the half dtype
     (``F.embedding_bag`` takes weights of the table's dtype): about ``2 u sum |w| |row|``
@@ -120,8 +134,42 @@ class QuantizedValues(ValueTable):
         with torch.no_grad():
             for start in range(0, num_slots, step):
                 rows = weight[start : start + step]
-                store[start : start + step] = rows.to(store.dtype) if fmt in _HALF else quantize_rows(rows, fmt)
+                if fmt in _HALF:
+                    half = rows.to(store.dtype)
+                    overflow = torch.isinf(half) & torch.isfinite(rows)
+                    if bool(overflow.any()):
+                        i, j = (int(t) for t in overflow.nonzero()[0])
+                        raise ValueError(
+                            f"{fmt} holds values up to {torch.finfo(store.dtype).max:g}: row {start + i} holds "
+                            f"{float(rows[i, j])!r}, which would become inf (quantize such a table to bfloat16)"
+                        )
+                    store[start : start + step] = half
+                else:
+                    store[start : start + step] = quantize_rows(rows, fmt, first_row=start)
         return table
+
+    def _apply(self, fn, recurse=True):
+        # Module casts (.half(), .bfloat16(), .double(), .to(dtype)) convert every float buffer; here
+        # they set the output dtype instead, and the stored codes only move (device, memory format).
+        # The half store goes through as an int16 view, which the casts leave alone.
+        half = self.format in _HALF
+        probe = fn(torch.empty(0, dtype=self.out_dtype, device=self._store.device))
+        if half:
+            self._buffers["weight"] = self._buffers["weight"].view(torch.int16)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            store = self._store
+            if store.dtype != (torch.int16 if half else torch.uint8):
+                raise TypeError(
+                    f"QuantizedValues ({self.format}) cannot take a cast of its integer buffers (to {store.dtype}): "
+                    "the stored codes stay as quantized; cast with .to(dtype), .half(), .bfloat16(), .double()"
+                )
+            if half:
+                self._buffers["weight"] = store.view(_HALF[self.format])
+        if isinstance(probe, Tensor) and probe.is_floating_point():
+            self.out_dtype = probe.dtype
+        return self
 
     def nbytes(self) -> int:
         """Bytes of the stored table."""
@@ -174,7 +222,10 @@ def _quantized_version(table: nn.Module, fmt: str, path: str) -> ValueTable:
             f"({type(table).__name__}): it has no (num_slots, dim) float weight; give its class a "
             f"quantized(format) method returning a read-only ValueTable"
         )
-    return QuantizedValues.from_float(weight.detach(), fmt)
+    try:
+        return QuantizedValues.from_float(weight.detach(), fmt)
+    except ValueError as e:  # a row the format cannot hold: say which table
+        raise ValueError(f"quantize_values_: the value table at {path or '<model>'!r}: {e}") from None
 
 
 def quantize_values_(model: nn.Module, dtype: Union[torch.dtype, str]) -> nn.Module:

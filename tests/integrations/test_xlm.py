@@ -6,6 +6,7 @@ state dict directly, in its own layouts; it shares no code with the library.
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -307,3 +308,12 @@ def test_from_xlm_takes_numpy_arrays_and_names_other_types():
     torch.testing.assert_close(from_xlm(as_numpy, topk=4)(x), from_xlm(sd, topk=4)(x), atol=0, rtol=0)
     with pytest.raises(TypeError, match=r"state_dict\['values.weight'\] must be a tensor .* got list"):
         from_xlm({**sd, "values.weight": sd["values.weight"].tolist()}, topk=4)
+
+
+@pytest.mark.parametrize("entry", ["values.weight", "keys", "query_proj.query_mlps.0.weight"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool])
+def test_from_xlm_names_an_entry_that_is_not_float(entry, dtype):
+    sd = make_xlm_state_dict()
+    sd[entry] = sd[entry].to(dtype)
+    with pytest.raises(ValueError, match=re.escape(f"{entry!r} must be a float tensor, got {dtype}")):
+        from_xlm(sd, topk=4)

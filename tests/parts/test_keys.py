@@ -231,3 +231,12 @@ def test_extra_repr_shows_sizes_and_changed_options():
     assert repr(ProductKeys(2, 8, 4, 5)) == "ProductKeys(heads=2, num_keys=8, dim_head=4, topk=5)"
     assert repr(ProductKeys(2, 8, 4, 5, init="uniform", qk_norm=True)).endswith("init='uniform', qk_norm=True)")
     assert ProductKeys(2, 8, 4, 5).num_slots == 64
+
+
+def test_product_keys_refuse_num_keys_past_the_limit_of_every_backend():
+    from product_key_memory.ops.search import MAX_NUM_KEYS
+
+    assert MAX_NUM_KEYS == 65536
+    with pytest.raises(ValueError, match=r"num_keys must be at most 65536 .* got num_keys=65537"):
+        ProductKeys(heads=1, num_keys=65537, dim_head=1, topk=1, device="meta")
+    ProductKeys(heads=1, num_keys=65536, dim_head=1, topk=1, device="meta")  # the limit itself is held

@@ -252,3 +252,70 @@ def test_quantized_layer_compiles_in_one_graph_and_equals_eager(fmt):
     compiled = torch.compile(pkm, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), pkm(x), rtol=1e-5, atol=1e-6)
+
+
+CASTS = {
+    "bfloat16": (lambda m: m.bfloat16(), torch.bfloat16),
+    "half": (lambda m: m.half(), torch.float16),
+    "double": (lambda m: m.double(), torch.float64),
+    "to_bfloat16": (lambda m: m.to(torch.bfloat16), torch.bfloat16),
+    "to_float64": (lambda m: m.to(dtype=torch.float64), torch.float64),
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=fmt_name)
+@pytest.mark.parametrize("cast", list(CASTS))
+def test_cast_after_quantizing_equals_cast_before(fmt, cast):
+    # value_dim != dim: the output projection sees the read's dtype
+    apply, dtype = CASTS[cast]
+    torch.manual_seed(0)
+    before = PKM(32, heads=2, num_keys=8, topk=4, dim_head=8, value_dim=24).eval()
+    after = PKM(32, heads=2, num_keys=8, topk=4, dim_head=8, value_dim=24).eval()
+    after.load_state_dict(before.state_dict())
+    quantize_values_(apply(before), fmt)
+    apply(quantize_values_(after, fmt))
+    name = fmt_name(fmt)
+    for m in (before, after):
+        assert m.values.format == name and m.values.out_dtype == dtype
+    assert after.values._store.dtype == before.values._store.dtype  # the codes as quantized, not cast
+    x = torch.randn(2, 3, 32, dtype=dtype)
+    with torch.no_grad():
+        out_before, out_after = before(x), after(x)
+    assert out_after.dtype == out_before.dtype == dtype
+    if (name, dtype) in {("bfloat16", torch.bfloat16), ("bfloat16", torch.float64), ("float16", torch.float16),
+                         ("float16", torch.float64)}:
+        # the same stored rows where casting first rounds nothing the format keeps
+        torch.testing.assert_close(out_after, out_before)
+
+
+def test_cast_keeps_half_store_and_moves_it_with_the_module():
+    q = QuantizedValues.from_float(torch.randn(16, 8), torch.bfloat16)
+    stored = q.weight.clone()
+    q.half().double().float()
+    assert q.weight.dtype == torch.bfloat16 and torch.equal(q.weight, stored)
+    assert q.format == "bfloat16" and q.out_dtype == torch.float32
+    q.to("meta")
+    assert q.weight.device.type == "meta" and q.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("fmt", [torch.int8, "int4", torch.float16])
+def test_quantized_transformer_lm_cast_to_bfloat16(fmt):
+    from product_key_memory.models import TransformerLM
+
+    torch.manual_seed(0)
+    model = TransformerLM(num_tokens=32, dim=32, depth=2, seq_len=8, heads=2, dim_head=8,
+                          pkm_kwargs=dict(heads=2, num_keys=8, topk=4, dim_head=8)).eval()
+    quantize_values_(model, fmt).bfloat16()
+    tokens = torch.randint(0, 32, (2, 8))
+    with torch.no_grad():
+        logits = model(tokens)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("fmt, value", [("int4", 7e4), (torch.float16, -1e5), (torch.int8, float("nan"))], ids=str)
+def test_quantize_values_refuses_what_the_format_cannot_hold_naming_table_and_value(fmt, value):
+    model = nn.ModuleDict(dict(table=EmbeddingValues(16, 8)))
+    with torch.no_grad():
+        model["table"].weight[5] = value
+    with pytest.raises(ValueError, match=rf"'table'.*row 5.*{value!r}"):
+        quantize_values_(model, fmt)

@@ -10,7 +10,8 @@ output gradient with the dequantized rows, ``pkm::quantized_read_backward``).
 Implementations: :mod:`.reference` (the specification), :mod:`.torch_impl` (fbgemm's kernels on
 CPU). :func:`quantized_read` decides, in this order:
 
-1. while ``torch.export`` traces, and for float64 weights (gradcheck): :func:`.reference.read`,
+1. while ``torch.export`` traces, under a ``torch.func`` transform, and for float64 weights
+   (gradcheck): :func:`.reference.read`,
    differentiable by autograd;
 2. when the weights' gradient is wanted, or under ``torch.compile``: the custom op (its fake
    function lets compiled graphs hold the fbgemm kernels, which have none of their own);
@@ -26,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backend import backend_for
+from ..backend import backend_for, functorch_active
 from . import reference
 from . import torch_impl
 from .reference import FORMATS, HALF_DTYPES, dequantize_rows, quantize_rows, row_bytes
@@ -92,7 +93,9 @@ def quantized_read(
     store: Tensor, fmt: str, dim: int, indices: Tensor, weights: Optional[Tensor], out_dtype: torch.dtype
 ) -> Tensor:
     """``(bags, dim)`` weighted sums of the dequantized rows ``indices (bags, m)`` (module docstring)."""
-    if torch.compiler.is_exporting() or (weights is not None and weights.dtype == torch.float64):
+    if torch.compiler.is_exporting() or functorch_active() or (
+        weights is not None and weights.dtype == torch.float64
+    ):
         return reference.read(store, fmt, dim, indices, weights, out_dtype)
     if torch.compiler.is_compiling() or (weights is not None and weights.requires_grad and torch.is_grad_enabled()):
         return _read_op(store, indices, weights, fmt, dim, out_dtype)

@@ -3,11 +3,14 @@
 ``search(queries, keys, topk)``: half-queries ``(N, heads, 2, dim_key)`` and sub-keys
 ``(heads, 2, num_keys, dim_key)`` -> the ``topk`` best of the ``num_keys ** 2`` slots per head,
 ``scores`` (float32, float64 for float64 input) and ``slots`` (long) ``(N, heads, topk)``, best
-first, the lower slot first on equal scores.
+first, the lower slot first on equal scores; non-finite sub-key scores are bounded first, on every
+backend (:func:`.reference.bounded_scores`).
 
 Implementations: :mod:`.reference` (the specification), :mod:`.torch_impl`, :mod:`.triton_impl`.
 :func:`search` decides, in this order:
 
+0. under a ``torch.func`` transform (``grad``, ``vmap``, ...): :mod:`.reference` in plain ops, which
+   the transforms differentiate and batch;
 1. while ``torch.export`` traces: the sub-key scores and the pruned two-stage search in
    plain ops (:func:`product_topk` with the exportable top-k), so exported graphs hold no
    custom op and the ONNX exporter translates them;
@@ -29,12 +32,15 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..backend import backend_for
+from ..backend import backend_for, functorch_active
 from ..topk import topk_lower_index
 from . import reference
 from . import torch_impl
+from .reference import MAX_NUM_KEYS, check_num_keys
 
-__all__ = ["search", "subkey_scores", "product_topk", "candidate_pairs", "gumbel_noise_like"]
+__all__ = [
+    "MAX_NUM_KEYS", "check_num_keys", "search", "subkey_scores", "product_topk", "candidate_pairs", "gumbel_noise_like"
+]
 
 TopkFn = Callable[[Tensor, int], Tuple[Tensor, Tensor]]
 
@@ -121,7 +127,8 @@ def search(
     Args:
         queries: ``(N, heads, 2, dim_key)``, any strides with a unit last stride.
         keys: ``(heads, 2, num_keys, dim_key)``, the same (a layer's keys are a transposed view).
-        topk: slots per head, ``1 <= topk <= num_keys``.
+        topk: slots per head, ``1 <= topk <= num_keys``; ``num_keys <= MAX_NUM_KEYS`` (65536,
+            ``ValueError`` past it) on every backend.
         subkey_topk: replaces the per-half selection (e.g. a differentiable top-k); it must
             return values sorted best first.
         gumbel_noise_scale: standard Gumbel noise times this is added to the sub-key scores.
@@ -130,6 +137,12 @@ def search(
         ``scores`` differentiable w.r.t. ``queries`` and ``keys``, and ``slots``
         ``i1 * num_keys + i2``, best first, the lower slot first on ties.
     """
+    reference.check_num_keys(keys.shape[-2])
+    if functorch_active():
+        sub = reference.subkey_scores(queries, keys)
+        if gumbel_noise_scale > 0.0:  # vmap needs randomness="different" or "same" for it, as for dropout
+            sub = sub + gumbel_noise_like(sub) * gumbel_noise_scale
+        return reference.product_topk(sub, topk, subkey_topk=subkey_topk)
     if torch.compiler.is_exporting():
         return product_topk(reference.subkey_scores(queries, keys), topk, subkey_topk=subkey_topk)
     if subkey_topk is not None or gumbel_noise_scale > 0.0:
@@ -171,6 +184,7 @@ def product_topk(sub_scores: Tensor, topk: int, *, subkey_topk: Optional[TopkFn]
     if _reference_backend(sub_scores.device):
         return reference.product_topk(sub_scores, topk, subkey_topk=subkey_topk)
     num_keys = sub_scores.shape[-1]
+    sub_scores = reference.bounded_scores(sub_scores)  # the rule for non-finite inputs (reference.py)
     best, best_idx = (topk_lower_index if subkey_topk is None else subkey_topk)(sub_scores, topk)
     (s1, s2), (i1, i2) = best.unbind(-2), best_idx.unbind(-2)
     # a graph holds the pairs as a constant; eager code reads the cache

@@ -68,6 +68,8 @@ def search_heads_first(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor
     ``(heads, N, topk)``, best first. No autograd; any strides with a unit last stride."""
     num_keys = keys.shape[1]
     sub = _both_half_scores(queries, keys, _score_dtype(queries.dtype, keys.dtype))  # (2, H, N, num_keys)
+    # the rule for non-finite inputs (reference.bounded_scores), in place on the fresh buffer
+    sub.clamp_(-reference.SCORE_BOUND, reference.SCORE_BOUND).nan_to_num_(nan=-reference.SCORE_BOUND)
     # (2, H, N, topk or topk + 1), best first: one top-k for both halves; only the first topk are read
     v, i = topk_lower_index(sub, topk, wide=True)
     heads, n = v.shape[1:3]

@@ -18,7 +18,9 @@ distinct, and the score decodes back exactly from the key. ``-0.0`` is folded in
   pair ``(a + 1) * (b + 1) > topk`` masked to INT64_MIN (``ops.search.candidate_pairs``);
   the pruning stays exact under the lexicographic (score, -slot) order.
 
-Specification: :mod:`.reference` (and its brute force over all ``num_keys ** 2`` slots).
+Sub-key scores are bounded as :func:`.reference.bounded_scores` says (NaN and inf), so every
+packed key holds a finite score. Specification: :mod:`.reference` (and its brute force over all
+``num_keys ** 2`` slots).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from .._triton import check_device
 __all__ = ["search"]
 
 _MAX_INDEX = 2**31 - 1  # slots must fit below this in the low half of a packed key
+# reference.SCORE_BOUND (test_search.py runs both on non-finite input)
+SCORE_BOUND: tl.constexpr = tl.constexpr(2.0**125)
 
 
 @triton.jit
@@ -101,6 +105,9 @@ def _half_topk(
                 mask=(kk[:, None] < K) & (dd[None, :] < D), other=0.0,
             ).to(tl.float32)
             acc += tl.sum(k * q[None, :], axis=1)
+        # the rule for non-finite inputs (reference.bounded_scores): NaN and -inf to -2**125, +inf to 2**125
+        acc = tl.where(acc == acc, acc, -SCORE_BOUND)
+        acc = tl.where(acc > SCORE_BOUND, SCORE_BOUND, tl.where(acc < -SCORE_BOUND, -SCORE_BOUND, acc))
         blk = tl.where(kk < K, _pack(acc, kk), _lowest((BLOCK_K,)))
         keys = tl.where(blk_row == k0 // BLOCK_K, blk[None, :], keys)
     return _select_topk(tl.reshape(keys, (K_P,)), topk, K_P, TOPK_P)

@@ -2,7 +2,9 @@
 
 PyTorch's ``topk`` alone breaks ties its own way, and ONNX has no stable sort, so the rule
 (on equal values the lower index wins) is built from plain comparisons and ``topk`` calls
-whose ties cannot matter.
+whose ties cannot matter. Finite values (and ``±inf``) only: NaN, which :mod:`.reference` ranks
+last, is not ranked here (``topk`` puts it first and ``==`` never matches it); exported searches
+bound their scores first, so none reaches this.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 single ``topk`` selects both and the values come back exactly from the key (float64 takes a
 stable sort). :func:`topk_distinct_first`: rows whose ``k + 1`` best values are strictly
 decreasing have one answer whatever the tie rule, so a plain ``topk`` gives it; only rows with
-a tie (or a NaN) near the top take the keyed top-k. Both equal :mod:`.reference`.
+a tie (or a NaN) near the top take the keyed top-k (``topk`` ranks NaN first, so a row holding one is such a row).
+Both equal :mod:`.reference`, NaN and inf included.
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ from .._buffers import outside_inference_mode
 __all__ = ["topk_keyed", "topk_distinct_first"]
 
 _LOW32 = (1 << 32) - 1
+_NAN_CODE = -(2**31)  # the lowest int32, below -inf's code (-2**31 + 2**23 - 1); decodes to a NaN
 
 
 def _order_code(x: Tensor) -> Tensor:
-    """int64 codes of float32 ``x`` that order like the values (``-0.0`` equals ``+0.0``)."""
-    bits = ((x if x.dtype == torch.float32 else x.float()) + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes +0.0
-    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()  # negative floats: flip the magnitude bits
+    """int64 codes of float32 ``x`` that order like the values (``-0.0`` equals ``+0.0``; every NaN
+    one code below ``-inf``'s, :mod:`.reference`'s rule)."""
+    x = (x if x.dtype == torch.float32 else x.float()) + 0.0  # + 0.0: -0.0 becomes +0.0
+    bits = x.view(torch.int32)
+    code = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip the magnitude bits
+    return code.masked_fill_(x.isnan(), _NAN_CODE).long()
 
 
 def _from_order_code(code: Tensor) -> Tensor:

@@ -8,7 +8,8 @@ values[indices[b, j]]``, ``(bags, dim)`` in the dtype of ``values``.
 Implementations: :mod:`.reference` (the specification), :mod:`.torch_impl`, :mod:`.triton_impl`.
 :func:`value_read` decides, in this order:
 
-1. while ``torch.export`` traces: :func:`.reference.value_read` (plain, differentiable ops);
+1. while ``torch.export`` traces, and under a ``torch.func`` transform: :func:`.reference.value_read`
+   (plain, differentiable ops; the table's gradient is dense there);
 2. when a gradient is wanted, or under ``torch.compile``: the custom op, whose backward calls
    ``pkm::value_read_backward`` (a dense table gradient) or, with ``sparse`` in eager mode,
    ``pkm::value_read_backward_rows`` (the touched rows, returned as a sparse gradient);
@@ -25,7 +26,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from ..backend import backend_for
+from ..backend import backend_for, functorch_active
 from . import reference
 from . import torch_impl
 
@@ -138,7 +139,7 @@ def value_read(
     ``trainable`` (bool ``(num_slots,)``); with ``sparse`` (eager mode) it is a coalesced sparse
     tensor of just those rows. The weights' gradient comes back in their own dtype.
     """
-    if torch.compiler.is_exporting():
+    if torch.compiler.is_exporting() or functorch_active():
         return reference.value_read(values, indices, weights, trainable)
     if torch.compiler.is_compiling() or (
         torch.is_grad_enabled() and (values.requires_grad or (weights is not None and weights.requires_grad))

@@ -188,3 +188,82 @@ def test_empty_reads():
         for weights in (w, None):
             out = entry.quantized_read(store, fmt, 8, idx, weights, torch.float32)
             assert out.shape == (0, 8), fmt
+
+
+def rows_over_ranges(dim=16):
+    """Rows of every range from 1e-10 to 1e6, at offsets 0, 1, -range / 2 and 300; each row holds
+    its min and max exactly (its first two elements)."""
+    gen = torch.Generator().manual_seed(3)
+    ranges = torch.logspace(-10, 6, 33, dtype=torch.float64)
+    out = []
+    for r in ranges:
+        for lo in (0.0, 1.0, -float(r) / 2, 300.0):
+            u = torch.rand(4, dim, generator=gen, dtype=torch.float64)
+            u[:, 0], u[:, 1] = 0.0, 1.0
+            out.append(lo + float(r) * u)
+    return torch.cat(out).float()  # the bounds below use the float32 rows' own min and max
+
+
+def format_bound(rows: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The bound stated in QuantizedValues' docstring, per element ``(n, dim)``."""
+    lo, hi = (t.double() for t in rows.aminmax(dim=-1, keepdim=True))
+    rounding = 2.0**-21 * (hi - lo) + 2.0**-23 * torch.maximum(lo.abs(), hi.abs())  # float32 arithmetic
+    if fmt == "int8":
+        return ((hi - lo) / 510 + rounding).expand_as(rows)
+    lo16 = lo.half().double()
+    s_exact = (hi - lo16) / 15
+    s = s_exact.half().double()
+    step = torch.maximum(2.0**-11 * s_exact.abs(), torch.full_like(s, 2.0**-25))  # fp16 rounding of the scale
+    return (s.abs() / 2 + (lo - lo16).abs() + 15 * step + rounding).expand_as(rows)
+
+
+def int4_holds(rows: torch.Tensor) -> torch.Tensor:
+    lo, hi = (t.double() for t in rows.aminmax(dim=-1))
+    return (lo.abs() < 65520) & ((hi - lo.half().double()).abs() / 15 < 65520)  # fp16 offset and scale
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_stored_rows_within_the_stated_bound_for_every_range(fmt):
+    rows = rows_over_ranges()
+    if fmt == "int4":
+        rows = rows[int4_holds(rows)]
+    store = quantize_rows(rows, fmt)
+    bound = format_bound(rows, fmt)
+    ref = reference.dequantize_rows(store, fmt, rows.shape[1], torch.float64)
+    # the CPU read: fbgemm's kernels on the same bytes
+    idx = torch.arange(rows.shape[0]).unsqueeze(1)
+    fbgemm = torch_impl.read(store, fmt, rows.shape[1], idx, torch.ones(idx.shape), torch.float32).double()
+    for name, got in (("reference", ref), ("fbgemm", fbgemm)):
+        err = (got - rows.double()).abs()
+        worst = (err / bound).amax(-1).argmax()
+        assert (err <= bound).all(), (
+            f"{fmt} {name}: row {rows[worst].aminmax()} error {err[worst].max():.3g} > bound {bound[worst, 0]:.3g}"
+        )
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_are_refused(fmt, bad):
+    rows = torch.randn(4, 8)
+    rows[2, 3] = bad
+    with pytest.raises(ValueError, match=rf"{fmt}.*row 2"):
+        quantize_rows(rows, fmt)
+
+
+@pytest.mark.parametrize("row", [[7e4] * 8, [-7e4 + i for i in range(8)], [0.0] * 7 + [1e6]],
+                         ids=["min_above", "min_below", "scale_above"])
+def test_int4_refuses_rows_beyond_float16_never_nan(row):
+    rows = torch.zeros(3, 8)
+    rows[1] = torch.tensor(row)
+    with pytest.raises(ValueError, match=r"int4 .*65504; row 1 "):
+        quantize_rows(rows, "int4")
+    held = torch.tensor([[6e4] * 8, [-6e4] * 7 + [0.0], [0.0] * 7 + [9e5]])  # within float16's offset and scale
+    assert int4_holds(held).all()
+    assert torch.isfinite(reference.dequantize_rows(quantize_rows(held, "int4"), "int4", 8)).all()
+
+
+def test_int8_refuses_a_range_beyond_float32():
+    rows = torch.zeros(2, 4)
+    rows[0, 0], rows[0, 1] = 3e38, -3e38
+    with pytest.raises(ValueError, match=r"int8.*row 0"):
+        quantize_rows(rows, "int8")

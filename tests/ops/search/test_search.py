@@ -298,3 +298,98 @@ def test_candidate_pairs_returns_a_copy():
         for got in (entry.search(q, keys, 5), PF.product_key_search(q, keys, 5),
                     PF.product_topk(PF.subkey_scores(q, keys), 5)):
             check_exact(got, before, "search after writing to candidate_pairs")
+
+
+# -- limits ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_num_keys_at_the_limit_keeps_the_tie_rule_and_past_it_is_refused(backend):
+    num_keys = entry.MAX_NUM_KEYS  # slots up to 2 ** 32 - 1
+    keys = torch.zeros(1, num_keys, 2, 1)
+    keys[0, -6:, 0], keys[0, -3:, 1] = 1.0, 1.0  # 18 slots tie at the top, near 2 ** 32
+    keys = keys.transpose(1, 2)  # (1, 2, K, 1)
+    q = torch.ones(2, 1, 2, 1)
+    want = reference.search(q, keys, 4)
+    assert int(want[1].min()) > 2**32 - 6 * num_keys
+    with use_backend(backend):
+        for mode, got in _modes(q, keys, 4).items():
+            check_exact(got, want, f"{backend}, {mode}")
+        too_many = torch.zeros(1, 2, num_keys + 1, 1)
+        with pytest.raises(ValueError, match=r"num_keys must be at most 65536 .* got num_keys=65537"):
+            entry.search(q, too_many, 4)
+
+
+# -- non-finite inputs: one rule on every backend (reference.py) -----------------------------------------
+
+
+def non_finite_cases():
+    inf, nan = float("inf"), float("nan")
+    q, keys = exact_inputs(3, 2, 9, 4)
+    cases = {}
+    k = keys.clone()
+    k[0, 0, 4, 1] = inf  # an inf sub-key: inf or -inf or NaN (inf * 0) scores
+    k[1, 1, 2, 0] = -inf
+    cases["inf sub-keys"] = (q, k)
+    qq = q.clone()
+    qq[0, 0, 0, 2] = inf  # an inf half-query
+    qq[1, 1, 1, 0] = -inf
+    qq[2, 0, :, 1] = inf
+    cases["inf half-queries"] = (qq, keys)
+    qq = q.clone()
+    qq[0, 1, 0, 0] = nan  # NaN scores
+    k = keys.clone()
+    k[0, 1, 3, 2] = nan
+    cases["NaN scores"] = (qq, k)
+    k = keys.clone()
+    k[:, 0, ::2] = inf
+    k[:, 1, 1::2] = -inf  # inf + -inf sums in the grid
+    cases["inf plus -inf"] = (q, k)
+    k = keys.clone() * 3e37  # finite, but sums past float32
+    cases["huge finite"] = (q, k)
+    return cases
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 under the interpreter
+@pytest.mark.parametrize("case", list(non_finite_cases()))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_inputs_select_the_same_slots_on_every_backend(case, backend):
+    q, keys = non_finite_cases()[case]
+    want = reference.search(q, keys, 5)
+    assert torch.isfinite(want[0]).all(), f"{case}: the rule gives finite scores"
+    for topk in (1, 5, 9):
+        want = reference.search(q, keys, topk)
+        with use_backend(backend):
+            for mode, got in _modes(q, keys, topk).items():
+                check_exact(got, want, f"{case}, {backend}, {mode}, topk={topk}")
+            check_exact(entry.product_topk(reference.subkey_scores(q, keys), topk), want, f"{backend}: product_topk")
+
+
+def test_non_finite_rule_equals_brute_force_where_no_sum_absorbs():
+    # NaN and inf sub-keys of a half whose other half's scores are all zero: no bounded score absorbs one
+    q, keys = exact_inputs(3, 2, 9, 4)
+    keys = keys.clone()
+    keys[:, 1] = 0.0
+    keys[0, 0, 2, 0], keys[1, 0, 5, 1], keys[0, 0, 7, 3] = float("inf"), float("nan"), -float("inf")
+    for topk in (1, 5, 9):
+        check_exact(reference.search(q, keys, topk), reference.brute_force_search(q, keys, topk), f"topk={topk}")
+
+
+# -- torch.func -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_under_torch_func_grad_and_vmap(backend):
+    q, keys = exact_inputs(3, 2, 9, 4)
+    q = q + 0.1 * torch.randn(q.shape, generator=torch.Generator().manual_seed(0))  # distinct scores
+    up = torch.randn(3, 2, 5)
+    with use_backend(backend):
+        want = entry.search(q, keys, 5)
+        qg, kg = q.clone().requires_grad_(), keys.clone().requires_grad_()
+        want_grads = torch.autograd.grad(entry.search(qg, kg, 5)[0], (qg, kg), up)
+        got_grads = torch.func.grad(lambda a, b: (entry.search(a, b, 5)[0] * up).sum(), argnums=(0, 1))(q, keys)
+        for g, w, name in zip(got_grads, want_grads, ("queries", "keys")):
+            assert_close(g, w, msg=f"{backend}: grad of {name}")
+        # vmap over a leading batch of query sets: each as its own search
+        scores, slots = torch.func.vmap(lambda a: entry.search(a, keys, 5))(q.unsqueeze(1))
+    check_exact((scores.squeeze(1), slots.squeeze(1)), want, f"{backend}: vmap")

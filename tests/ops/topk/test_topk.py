@@ -163,3 +163,56 @@ def test_exported_entry_keeps_the_tie_rule(with_index):
     for t in (x, other):
         got = ep.module()(t) if index is None else ep.module()(t, index)
         check(got, reference.topk_lower_index(t, 6, index), "exported")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [5, 40])
+def test_entry_keeps_the_tie_rule_for_indices_past_32_bits(dtype, width):
+    # the slots of a search with num_keys > 65536 (which ProductKeys refuses) and any index a caller passes
+    gen = torch.Generator().manual_seed(0)
+    x = tied((3, width), dtype, levels=1, gen=gen)
+    index = torch.randperm(width, generator=gen).expand(3, -1) * 70001 + torch.tensor([[0], [2**32 - 5], [5 * 2**32]])
+    want = reference.topk_lower_index(x, 4, index)
+    check(entry.topk_lower_index(x, 4, index), want, "entry")
+    check(export.topk_lower_index(x, 4, index), want, "export")
+
+
+def with_non_finite(shape, dtype, gen):
+    """Tied values with NaN (both signs, two payloads), +inf and -inf mixed in."""
+    x = tied(shape, dtype, levels=2, gen=gen).float()
+    pick = torch.randint(0, 8, shape, generator=gen)
+    specials = torch.tensor([float("inf"), -float("inf"), float("nan"), -float("nan")])
+    x = torch.where(pick < 4, specials[pick.clamp(max=3)], x)
+    bits = x.view(torch.int32)
+    x = torch.where((pick == 2) & (torch.rand(shape, generator=gen) < 0.5), (bits | 0x1234).view(torch.float32), x)
+    return x.to(dtype)
+
+
+def check_nan(got, want, what):
+    (gv, gi), (wv, wi) = got, want
+    assert torch.equal(gi, wi), f"{what}: indices differ from the reference\n{gi}\n{wi}"
+    assert gv.dtype == wv.dtype and torch.equal(gv.isnan(), wv.isnan()), f"{what}: NaN positions differ"
+    assert torch.equal(gv.nan_to_num(0.0), wv.nan_to_num(0.0)), f"{what}: values differ"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_index", [False, True])
+def test_non_finite_rule_every_implementation_equals_reference(dtype, with_index):
+    gen = torch.Generator().manual_seed(1)
+    x = with_non_finite((6, 17), dtype, gen)
+    index = distinct_index((6, 17), gen) if with_index else None
+    for k in (1, 5, 16, 17):
+        want = reference.topk_lower_index(x, k, index)
+        for name, got in implementations(x, k, index).items():
+            if name != "export":  # the exportable top-k is for exported searches, whose scores are finite
+                check_nan(got, want, f"{name}, k={k}")
+
+
+def test_non_finite_rule_nan_ranks_below_minus_inf_and_nans_are_equal():
+    nan, inf = float("nan"), float("inf")
+    neg_nan = torch.tensor(nan).neg().item()
+    x = torch.tensor([[nan, -inf, 1.0, neg_nan, inf, -0.0, 0.0, nan]])
+    values, idx = reference.topk_lower_index(x, 8)
+    assert idx.tolist() == [[4, 2, 5, 6, 1, 0, 3, 7]]  # +inf, numbers, -inf, then every NaN by index
+    for dtype in DTYPES:
+        check_nan(entry.topk_lower_index(x.to(dtype), 6), reference.topk_lower_index(x.to(dtype), 6), str(dtype))

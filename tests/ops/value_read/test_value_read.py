@@ -326,3 +326,25 @@ def test_exported_read_holds_no_custom_op():
     ep = torch.export.export(_Read(values), (idx, w))
     assert pkm_targets(ep.graph_module) == set()
     assert_close(ep.module()(idx, w), reference.value_read(values, idx, w), **TOL[torch.float32])
+
+
+# -- torch.func -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_value_read_under_torch_func_grad_and_vmap(backend, masked):
+    values, idx, w, trainable = read_inputs(masked=masked)
+    up = torch.randn(idx.shape[0], values.shape[1])
+    with use_backend(backend):
+        vg, wg = values.clone().requires_grad_(), w.clone().requires_grad_()
+        want = torch.autograd.grad(entry.value_read(vg, idx, wg, trainable), (vg, wg), up)
+        got = torch.func.grad(lambda v, ww: (entry.value_read(v, idx, ww, trainable) * up).sum(), argnums=(0, 1))(
+            values, w
+        )
+        for g, ww, name in zip(got, want, ("values", "weights")):
+            assert_close(g, _dense(ww), msg=f"{backend}: grad of {name}")
+        batched = torch.func.vmap(lambda i, ww: entry.value_read(values, i, ww, trainable))(
+            idx.unsqueeze(1), w.unsqueeze(1)
+        )
+        assert_close(batched.squeeze(1), entry.value_read(values, idx, w, trainable), msg=f"{backend}: vmap")
