@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_positive_int
-from .ops import backend_for, empty_hugepage
+from .ops import empty_hugepage
+from .ops.sparse_adam import sparse_adam_step_
 from .tables import ValueTable
 
 __all__ = ["fetch_pkm_value_parameters", "fetch_optimizer_parameters", "SparseRowAdam", "build_optimizer"]
@@ -178,7 +179,6 @@ class SparseRowAdam(torch.optim.Optimizer):
         p.addcdiv_(exp_avg, denom, value=-step_size)
 
     def _sparse_step(self, p: Tensor, grad: Tensor, state, group) -> None:
-        beta1, beta2, step_size, bc2_sqrt = self._coefficients(state, group)
         if grad.sparse_dim() != 1:  # e.g. dense.to_sparse(): one index per element, make it row-sparse
             grad = grad.to_dense().to_sparse(sparse_dim=1)
         rows, values = grad._indices()[0], grad._values()
@@ -188,38 +188,13 @@ class SparseRowAdam(torch.optim.Optimizer):
             rows, values = grad.indices()[0], grad.values()
         if rows.numel() == 0:
             return
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        max_sq = state["max_exp_avg_sq"] if group["amsgrad"] else None
-        wd, decoupled = group["weight_decay"], group["decoupled_weight_decay"]
-        if max_sq is None and not decoupled and p.is_contiguous() and backend_for(p.device) == "triton":
-            from .ops.triton import adam  # one kernel updates the rows in place
-
-            adam.sparse_adam_step_(
-                p, exp_avg, exp_avg_sq, rows, values, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=wd, step=state["step"].item(), maximize=group["maximize"],
-            )
-            return
-        row_bytes = max(1, values[0].numel() * values.element_size())
-        chunk = max(1, self.chunk_bytes // row_bytes)
-        for start in range(0, rows.numel(), chunk):
-            r, g = rows[start : start + chunk], values[start : start + chunk]
-            p_r = p.index_select(0, r)
-            if group["maximize"]:
-                g = -g
-            if wd != 0 and decoupled:
-                p_r.mul_(1 - group["lr"] * wd)
-            elif wd != 0:
-                g = g.add(p_r, alpha=wd)
-            m_r = exp_avg.index_select(0, r).lerp_(g, 1 - beta1)
-            v_r = exp_avg_sq.index_select(0, r).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            exp_avg.index_copy_(0, r, m_r)
-            exp_avg_sq.index_copy_(0, r, v_r)
-            if max_sq is not None:
-                v_r = torch.maximum(max_sq.index_select(0, r), v_r, out=v_r)
-                max_sq.index_copy_(0, r, v_r)
-            denom = v_r.sqrt_().div_(bc2_sqrt).add_(group["eps"])
-            # gather, update, copy back: index_add_ is a slow scatter on CPU with several threads
-            p.index_copy_(0, r, p_r.addcdiv_(m_r, denom, value=-step_size))
+        sparse_adam_step_(
+            p, state["exp_avg"], state["exp_avg_sq"], rows, values,
+            max_exp_avg_sq=state["max_exp_avg_sq"] if group["amsgrad"] else None, lr=group["lr"],
+            betas=group["betas"], eps=group["eps"], step=state["step"].item(), weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group["decoupled_weight_decay"], maximize=group["maximize"],
+            chunk_bytes=self.chunk_bytes,
+        )
 
 
 _BOOL_OPTIONS = ("amsgrad", "maximize", "decoupled_weight_decay")

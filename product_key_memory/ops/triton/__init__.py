@@ -7,16 +7,16 @@ returns tensors, and a naive PyTorch version beside it (the specification):
 * :mod:`.value_read`: ``value_read(values, indices, weights)`` and
   ``value_read_backward(grad_out, values, indices, weights, trainable, *, need_values_grad,
   need_weights_grad, sparse)``
-* :mod:`.adam`: ``sparse_adam_step_(param, exp_avg, exp_avg_sq, rows, grad_rows, *, ...)``
 
 Nothing here imports triton at package import time: ``import product_key_memory`` works
 without it. Each submodule imports triton when it is imported, so import them lazily
 (``from product_key_memory.ops.triton import search`` inside the function that needs it).
 
 :mod:`.backend` adapts them to the ``triton`` backend of :mod:`product_key_memory.ops`.
-:mod:`.launch` checks each launch's tensors: CUDA, or CPU when the kernels were defined
-under the interpreter (``TRITON_INTERPRET=1`` before importing :mod:`product_key_memory`);
+:mod:`product_key_memory.ops._triton` checks each launch's tensors: CUDA, or CPU when the kernels
+were defined under the interpreter (``TRITON_INTERPRET=1`` before importing :mod:`product_key_memory`);
 anything else is a ``RuntimeError`` that says so instead of Triton's "0 active drivers".
+The sparse Adam kernel lives in :mod:`product_key_memory.ops.sparse_adam`.
 """
 
 import importlib.util

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import check_device
+from .._triton import check_device
 
 __all__ = ["value_read", "value_read_backward", "value_read_reference", "value_read_backward_reference"]
 
