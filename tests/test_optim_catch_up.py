@@ -1,0 +1,206 @@
+"""SparseRowAdam(catch_up=True) against dense torch.optim.AdamW in float64.
+
+The catch-up leaves out one term, Adam's ``eps`` in the skipped steps. For a row with a zero
+gradient at step ``j`` dense Adam moves it by ``e_j = step_size_j * m_j / (a_j + eps)``,
+``a_j = sqrt(v_j) / sqrt(1 - beta2**j)``; the closed form moves it by ``e_j * (a_j + eps) / a_j``,
+so by ``|e_j| * eps / a_j`` more. The moments are scaled exactly and the gradients are given, so
+the error stays in the parameter, shrunk by later decays (factors in (0, 1]): the bound on
+``|p_catch_up - p_dense|`` is the sum of ``|e_j| * eps / a_j`` over the skipped steps, which the
+tests accumulate from the dense run itself, plus float64 rounding.
+"""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from product_key_memory import PKM, SparseRowAdam, build_optimizer
+
+S, D = 40, 6
+HYPER = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+
+
+def schedule(step):
+    return 1.0 / (1 + 0.3 * step)
+
+
+def gradient_sequence(steps, gen, rows_per_step=6):
+    """(rows, values) per step: a few random rows, sometimes none, sometimes the same again."""
+    seq = []
+    for i in range(steps):
+        k = 0 if i == 5 else rows_per_step
+        rows = torch.randperm(S, generator=gen)[:k].sort().values
+        seq.append((rows, torch.randn(k, D, generator=gen, dtype=torch.float64)))
+    return seq
+
+
+def run_dense(p0, seq, maximize=False, **hyper):
+    """AdamW with LambdaLR on densified gradients; also the eps bound accumulated for unread rows."""
+    p = torch.nn.Parameter(p0.clone())
+    opt = torch.optim.AdamW([p], foreach=False, maximize=maximize, **hyper)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    bound = torch.zeros_like(p0)
+    beta1, beta2 = hyper["betas"]
+    for step, (rows, values) in enumerate(seq, 1):
+        grad = torch.zeros_like(p0)
+        grad[rows] = values
+        p.grad = grad
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        st = opt.state[p]
+        a = st["exp_avg_sq"].sqrt() / (1 - beta2**step) ** 0.5
+        update = lr / (1 - beta1**step) * st["exp_avg"].abs() / (a + hyper["eps"])
+        unread = torch.ones(S, dtype=torch.bool)
+        unread[rows] = False
+        contribution = torch.where(a > 0, update * hyper["eps"] / a.clamp_min(1e-300), torch.zeros_like(a))
+        bound[unread] += contribution[unread]
+    return p.detach(), opt.state[p], bound
+
+
+def run_sparse(p0, seq, *, catch_up, maximize=False, window=4096, finish=True, **hyper):
+    p = torch.nn.Parameter(p0.clone())
+    opt = SparseRowAdam([p], decoupled_weight_decay=True, catch_up=catch_up, catch_up_window=window,
+                        maximize=maximize, chunk_bytes=3 * D * 8, **hyper)  # blocks of 3 rows
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    for rows, values in seq:
+        p.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, (S, D))
+        opt.step()
+        sched.step()
+    if finish:
+        opt.catch_up_()
+    return p.detach(), opt
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("window", [4096, 3])  # 3: rows fall behind the window and are caught up in turn
+def test_catch_up_equals_adamw_with_schedule_within_the_eps_bound(maximize, window):
+    gen = torch.Generator().manual_seed(0)
+    p0 = torch.randn(S, D, generator=gen, dtype=torch.float64)
+    seq = gradient_sequence(30, gen)
+    dense, dense_state, bound = run_dense(p0, seq, maximize=maximize, **HYPER)
+    ours, opt = run_sparse(p0, seq, catch_up=True, maximize=maximize, window=window, **HYPER)
+    lazy, _ = run_sparse(p0, seq, catch_up=False, maximize=maximize, **HYPER)
+    rounding = 1e-13 * (1 + dense.abs())
+    err = (ours - dense).abs()
+    assert bound.max() > 0, "some unread row had moments to decay"
+    assert (err <= bound + rounding).all(), f"worst excess {(err - bound - rounding).max():.3g}"
+    st = opt.state[opt.param_groups[0]["params"][0]]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert_close(st[key], dense_state[key], rtol=1e-13, atol=1e-300, msg=key)
+    lazy_err = (lazy - dense).abs().max()
+    assert lazy_err > 1e3 * (bound.max() + rounding.max()), f"lazy Adam differs by only {lazy_err:.3g}"
+
+
+def test_eps_zero_is_exact_up_to_rounding():
+    gen = torch.Generator().manual_seed(1)
+    p0 = torch.randn(S, D, generator=gen, dtype=torch.float64)
+    first = (torch.arange(S), torch.randn(S, D, generator=gen, dtype=torch.float64))  # every row once: v > 0
+    seq = [first] + gradient_sequence(20, gen)
+    hyper = dict(HYPER, eps=0.0)
+    dense, _, _ = run_dense(p0, seq, **hyper)
+    ours, _ = run_sparse(p0, seq, catch_up=True, **hyper)
+    assert_close(ours, dense, rtol=1e-12, atol=1e-12)
+
+
+def test_rows_read_after_steps_without_catch_up_call():
+    """Without catch_up_(), rows in the last gradient equal dense AdamW's; the others lag and a
+    read through catch_up_read_ brings exactly those rows up."""
+    gen = torch.Generator().manual_seed(2)
+    p0 = torch.randn(S, D, generator=gen, dtype=torch.float64)
+    seq = gradient_sequence(12, gen)
+    dense, _, bound = run_dense(p0, seq, **HYPER)
+    ours, opt = run_sparse(p0, seq, catch_up=True, finish=False, **HYPER)
+    p = opt.param_groups[0]["params"][0]
+    last = seq[-1][0]
+    assert ((ours[last] - dense[last]).abs() <= bound[last] + 1e-13).all()
+    stale = torch.tensor([r for r in range(S) if r not in set(last.tolist())])
+    assert (ours[stale] - dense[stale]).abs().max() > 1e-6, "unread rows wait for a read"
+    wanted = stale[:5]
+    opt.catch_up_read_(p, torch.stack([wanted, wanted]))  # repeats are fine
+    after = p.detach()
+    assert ((after[wanted] - dense[wanted]).abs() <= bound[wanted] + 1e-13).all()
+    others = stale[5:]
+    assert torch.equal(after[others], ours[others]), "rows not read stay as they were"
+
+
+def test_state_dict_resume_and_per_group_options():
+    gen = torch.Generator().manual_seed(3)
+    p0 = torch.randn(S, D, generator=gen, dtype=torch.float64)
+    seq = gradient_sequence(16, gen)
+    straight, _ = run_sparse(p0, seq, catch_up=True, **HYPER)
+
+    p = torch.nn.Parameter(p0.clone())
+    opt = SparseRowAdam([{"params": [p], "catch_up": True, "decoupled_weight_decay": True}], chunk_bytes=3 * D * 8,
+                        **HYPER)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    for rows, values in seq[:8]:
+        p.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, (S, D))
+        opt.step(), sched.step()
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    q = torch.nn.Parameter(p.detach().clone())
+    resumed = SparseRowAdam([q], chunk_bytes=3 * D * 8, **HYPER)  # catch_up and decay come from the state dict
+    sched2 = torch.optim.lr_scheduler.LambdaLR(resumed, schedule)
+    resumed.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    assert resumed.param_groups[0]["catch_up"] is True
+    assert resumed.state[q]["catch_up_window"].dtype == torch.float64, "torch casts floating state; not this"
+    for rows, values in seq[8:]:
+        q.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, (S, D))
+        resumed.step(), sched2.step()
+    resumed.catch_up_()
+    assert_close(q.detach(), straight, rtol=1e-14, atol=1e-14)
+
+
+def test_switching_catch_up_off_brings_rows_up_first():
+    gen = torch.Generator().manual_seed(4)
+    p0 = torch.randn(S, D, generator=gen, dtype=torch.float64)
+    seq = gradient_sequence(10, gen)
+    ours, opt = run_sparse(p0, seq[:9], catch_up=True, finish=False, **HYPER)
+    p = opt.param_groups[0]["params"][0]
+    ref = copy.deepcopy(opt)
+    ref_p = ref.param_groups[0]["params"][0]
+    ref.catch_up_()
+    opt.param_groups[0]["catch_up"] = False
+    for o, t in ((opt, p), (ref, ref_p)):
+        o.param_groups[0]["catch_up"] = False
+        t.grad = torch.sparse_coo_tensor(seq[9][0].unsqueeze(0), seq[9][1], (S, D))
+        o.step()
+    assert "catch_up_row_step" not in opt.state[p]
+    assert_close(p.detach(), ref_p.detach(), rtol=0, atol=0)
+
+
+def test_options_it_cannot_honour_are_refused():
+    p = torch.nn.Parameter(torch.randn(4, 2))
+    cases = [(dict(amsgrad=True), "amsgrad"), (dict(weight_decay=0.1), "weight_decay"),
+             (dict(betas=(0.95, 0.9)), "betas")]
+    for options, name in cases:
+        with pytest.raises(ValueError, match=name):
+            SparseRowAdam([p], catch_up=True, **options)
+        opt = SparseRowAdam([p], **options)
+        opt.param_groups[0]["catch_up"] = True
+        with pytest.raises(ValueError, match="catch_up"):
+            opt.step()
+    with pytest.raises(ValueError, match="catch_up_window"):
+        SparseRowAdam([p], catch_up=True, catch_up_window=0)
+    SparseRowAdam([p], catch_up=True, weight_decay=0.1, decoupled_weight_decay=True)  # AdamW decay is fine
+
+
+def test_float32_table_keeps_float64_step_numbers_through_a_state_dict():
+    p = torch.nn.Parameter(torch.randn(S, D))
+    opt = SparseRowAdam([p], catch_up=True, catch_up_window=64, chunk_bytes=512)
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3]]), torch.randn(2, D), (S, D))
+    opt.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    other = SparseRowAdam([q], chunk_bytes=256)
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert other.state[q]["catch_up_window"].dtype == torch.float64
+    assert torch.equal(other.state[q]["catch_up_window"], opt.state[p]["catch_up_window"])
+    assert other.chunk_bytes == 256, "load_state_dict keeps the instance's own setting"
+    copied = copy.deepcopy(opt)
+    assert (copied.chunk_bytes, copied.catch_up_window) == (512, 64)
