@@ -312,8 +312,7 @@ class SparseRowAdam(torch.optim.Optimizer):
         coeffs = window[_COEFFS][:, ages].t()  # (U, 4): d, b1, b2, s
         sparse_adam_step_(
             p.data, state["exp_avg"], state["exp_avg_sq"], rows if op_rows is None else op_rows, None,
-            catch_up=coeffs, lr=group["lr"], betas=group["betas"], eps=group["eps"], step=1,
-            chunk_bytes=self.chunk_bytes,
+            catch_up=coeffs, lr=0.0, betas=(0.0, 0.0), eps=0.0, step=1, chunk_bytes=self.chunk_bytes,
         )
         row_step[rows] = to
 
@@ -491,6 +490,8 @@ def build_optimizer(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     pkm_weight_decay: Optional[float] = None,
+    decoupled_weight_decay: bool = False,
+    catch_up: bool = False,
 ) -> SparseRowAdam:
     """The recommended optimizer set-up for a model holding PKM layers.
 
@@ -500,6 +501,12 @@ def build_optimizer(
     gradients hold only the rows read and the step updates only those rows: a
     training step then costs the same for a 65k- or a 1M-slot table. Without it
     this is plain Adam.
+
+    ``catch_up=True`` gives the value tables dense Adam's (AdamW's) result at about the
+    lazy cost (see :class:`SparseRowAdam`) and registers the forward pre-hooks that bring
+    rows up to date before a forward reads them (:meth:`SparseRowAdam.attach`). Weight decay
+    with it must be ``decoupled_weight_decay=True``. Which of the two learns better on the
+    byte-level LM is measured in ``benchmarks/README.md`` (Optimizer: lazy or catch-up).
 
     Example::
 
@@ -511,4 +518,8 @@ def build_optimizer(
             if isinstance(m, ValueTable) and m.supports_sparse_grad:
                 m.sparse = True
     groups = fetch_optimizer_parameters(module, pkm_learning_rate, pkm_weight_decay=pkm_weight_decay)
-    return SparseRowAdam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    opt = SparseRowAdam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        decoupled_weight_decay=decoupled_weight_decay, catch_up=catch_up)
+    if catch_up:
+        opt.attach(module)
+    return opt

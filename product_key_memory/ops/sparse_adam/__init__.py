@@ -38,6 +38,8 @@ def _sparse_adam_step_op(
     weight_decay: float, decoupled_weight_decay: bool, maximize: bool, step_size: float, bc2_sqrt: float,
     chunk_bytes: int, impl: str,
 ) -> None:
+    if impl == "auto":  # chosen here, in eager code, when the entry was traced (use_backend is a ContextVar)
+        impl = route(param, exp_avg, exp_avg_sq, max_exp_avg_sq)
     kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
               decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, step_size=step_size,
               bc2_sqrt=bc2_sqrt)
@@ -120,7 +122,7 @@ def sparse_adam_step_(
         raise ValueError(f"step must be >= 1 (the count after this step), got {step!r}")
     beta1, beta2 = betas
     step = max(float(step), 1.0)
-    impl = route(param, exp_avg, exp_avg_sq, max_exp_avg_sq)
+    impl = "auto" if torch.compiler.is_compiling() else route(param, exp_avg, exp_avg_sq, max_exp_avg_sq)
     _sparse_adam_step_op(
         param, exp_avg, exp_avg_sq, max_exp_avg_sq, rows, grad_rows, catch_up, float(lr), float(beta1),
         float(beta2), float(eps), float(weight_decay), bool(decoupled_weight_decay), bool(maximize),
