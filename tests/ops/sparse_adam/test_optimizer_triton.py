@@ -41,3 +41,26 @@ def test_triton_steps_equal_torch_steps(catch_up, monkeypatch):
     if catch_up:
         assert any(a[5] is not None for a in calls), "catch-up coefficients reached the kernel"
     assert_close(results["triton"], results["torch"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_catch_up_read_and_catch_up_all_without_host_sync():
+    """On CUDA the pre-hook's catch-up (sort, masked repeats, the kernel) and catch_up_() never wait
+    for the device: torch.cuda's sync debug mode 'error' fails any synchronizing call."""
+    torch.manual_seed(0)
+    model = PKM(dim=64, heads=4, num_keys=64, topk=8, dim_head=32).cuda()
+    opt = build_optimizer(model, pkm_learning_rate=1e-2, catch_up=True)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 64, device="cuda")).square().mean().backward()
+        opt.step()
+    indices = torch.randint(0, 64 * 64, (256, 32), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.catch_up_read_(model.values.weight, indices)
+        opt.catch_up_()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    state = opt.state[model.values.weight]
+    assert bool((state["catch_up_row_step"] == state["catch_up_clock"]).all())
