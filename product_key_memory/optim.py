@@ -215,7 +215,7 @@ class SparseRowAdam(torch.optim.Optimizer):
                 sparse_catch_up = p.grad.is_sparse and group["catch_up"]
                 if _ROW_STEP in state and not sparse_catch_up:
                     # a dense gradient, or catch-up switched off: every row to the last step, then as usual
-                    self._catch_up_rows(p, state, group, None)
+                    self._catch_up_rows(p, state, None)
                     for key in _CATCH_UP_STATE:
                         del state[key]
                 if sparse_catch_up and _ROW_STEP not in state:
@@ -237,7 +237,7 @@ class SparseRowAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 state = self.state.get(p)
                 if state and _ROW_STEP in state:
-                    self._catch_up_rows(p, state, group, None)
+                    self._catch_up_rows(p, state, None)
 
     def attach(self, module: nn.Module) -> List:
         """Register a forward pre-hook on every :class:`ValueTable` in ``module`` whose weight this
@@ -270,7 +270,6 @@ class SparseRowAdam(torch.optim.Optimizer):
         state = self.state.get(param)
         if not state or _ROW_STEP not in state:
             return
-        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
         with torch.no_grad():
             rows = indices.reshape(-1).to(device=param.device, dtype=torch.int64)
             if param.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -281,14 +280,12 @@ class SparseRowAdam(torch.optim.Optimizer):
                 repeat = torch.zeros_like(rows, dtype=torch.bool)
                 repeat[1:] = rows[1:] == rows[:-1]
                 op_rows = rows.masked_fill(repeat, -1)
-            self._catch_up_rows(param, state, group, rows, op_rows=op_rows, to=state[_CLOCK])
+            self._catch_up_rows(param, state, rows, op_rows=op_rows, to=state[_CLOCK])
 
     # -- internals -------------------------------------------------------------------------
 
     def _init_catch_up(self, p: Tensor, state) -> None:
         """Every row counts as up to date at the current step (a fresh table, or a lazy state loaded)."""
-        if p.dim() != 2:
-            raise ValueError(f"catch_up needs (num_rows, dim) tables for sparse gradients, got shape {tuple(p.shape)}")
         now = int(state["step"].item())
         state[_ROW_STEP] = torch.full((p.shape[0],), now, dtype=torch.int32, device=p.device)
         state[_CLOCK] = torch.tensor(now, dtype=torch.int32, device=p.device)
@@ -297,7 +294,7 @@ class SparseRowAdam(torch.optim.Optimizer):
         state[_WINDOW] = window
         state[_CURSOR] = 0
 
-    def _catch_up_rows(self, p, state, group, rows, *, op_rows=None, to=None) -> None:
+    def _catch_up_rows(self, p, state, rows, *, op_rows=None, to=None) -> None:
         """Rows ``rows`` (``None``: all, in blocks) to step ``to`` (the clock when ``None``), with the
         coefficients of the window for each row's age; their counters then read ``to``."""
         row_step, window = state[_ROW_STEP], state[_WINDOW]
@@ -306,7 +303,7 @@ class SparseRowAdam(torch.optim.Optimizer):
             block = max(1, self.chunk_bytes // max(1, p[0].numel() * p.element_size())) * 16
             for start in range(0, p.shape[0], block):
                 r = torch.arange(start, min(start + block, p.shape[0]), device=p.device)
-                self._catch_up_rows(p, state, group, r, op_rows=r, to=to)
+                self._catch_up_rows(p, state, r, op_rows=r, to=to)
             return
         ages = (to - row_step[rows]).long()  # (U,), in [0, catch_up_window]
         coeffs = window[_COEFFS][:, ages].t()  # (U, 4): d, b1, b2, s
@@ -390,7 +387,7 @@ class SparseRowAdam(torch.optim.Optimizer):
             k = min(n, -(-n // width))
             turn = (torch.arange(k, device=p.device) + state[_CURSOR]) % n
             state[_CURSOR] = (state[_CURSOR] + k) % n
-            self._catch_up_rows(p, state, group, turn, to=step)
+            self._catch_up_rows(p, state, turn, to=step)
 
 
 class _CatchUpBeforeRead:

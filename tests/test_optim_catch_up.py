@@ -288,3 +288,20 @@ def test_hook_under_torch_compile_fullgraph():
     eager_opt.catch_up_()
     with torch.no_grad():
         assert_close(got, eager(x), msg="the compiled read saw caught-up rows")
+
+
+@pytest.mark.parametrize("catch_up", [False, True])
+def test_rows_of_any_shape_step_as_flat_rows(catch_up):
+    gen = torch.Generator().manual_seed(5)
+    p0 = torch.randn(S, 2, 3, generator=gen, dtype=torch.float64)
+    cube = torch.nn.Parameter(p0.clone())
+    flat = torch.nn.Parameter(p0.reshape(S, 6).clone())
+    opts = [SparseRowAdam([t], decoupled_weight_decay=True, catch_up=catch_up, **HYPER) for t in (cube, flat)]
+    for rows, values in gradient_sequence(6, gen):
+        cube.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values.view(-1, 2, 3), cube.shape)
+        flat.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, flat.shape)
+        for o in opts:
+            o.step()
+    for o in opts:
+        o.catch_up_()
+    assert_close(cube.detach().reshape(S, 6), flat.detach(), rtol=0, atol=0)

@@ -98,7 +98,8 @@ def sparse_adam_step_(
 
     Args:
         param, exp_avg, exp_avg_sq: ``(S, D)`` tables of one shape (``exp_avg*`` may be float32
-            for a half ``param``); ``max_exp_avg_sq`` too, for ``amsgrad``.
+            for a half ``param``); ``max_exp_avg_sq`` too, for ``amsgrad``. Contiguous tensors of
+            another shape ``(S, ...)`` are taken as ``(S, prod(...))``, ``grad_rows`` likewise.
         rows: ``(U,)`` int64, unique; entries below 0 are padding and leave everything as it is.
         grad_rows: ``(U, D)`` gradient of each row, or ``None`` for the catch-up alone.
         catch_up: ``(U, 4)`` float ``(d, b1, b2, s)`` per row (see :mod:`.reference`), or ``None``.
@@ -106,8 +107,16 @@ def sparse_adam_step_(
         step: the step count after this step (bias correction), ``>= 1``.
         chunk_bytes: block size of the torch implementation.
     """
-    if param.dim() != 2:
-        raise ValueError(f"param must be a (num_rows, dim) table, got shape {tuple(param.shape)}")
+    if param.dim() != 2:  # rows of any shape: as (num_rows, row size) views
+        if param.dim() == 0 or not all(t is None or t.is_contiguous() for t in (param, exp_avg, exp_avg_sq,
+                                                                            max_exp_avg_sq)):
+            raise ValueError(f"param must be a (num_rows, dim) table, or a contiguous tensor of rows of another "
+                             f"shape, got shape {tuple(param.shape)}")
+        flat = lambda t: None if t is None or t.shape != param.shape else t.view(param.shape[0], -1)  # noqa: E731
+        if grad_rows is not None and grad_rows.shape[1:] == param.shape[1:]:
+            grad_rows = grad_rows.reshape(grad_rows.shape[0], -1)
+        param, exp_avg, exp_avg_sq, max_exp_avg_sq = (
+            param.view(param.shape[0], -1), flat(exp_avg), flat(exp_avg_sq), flat(max_exp_avg_sq))
     for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("max_exp_avg_sq", max_exp_avg_sq)):
         if t is not None and (t.shape != param.shape or t.device != param.device):
             raise ValueError(f"{name} must have param's shape {tuple(param.shape)} and device {param.device}, "

@@ -144,7 +144,8 @@ def test_errors_name_the_argument():
     t = torch.zeros(4, 3)
     kw = dict(lr=0.1, betas=(0.9, 0.99), eps=1e-8, step=1)
     cases = [
-        (dict(param=torch.zeros(4)), "param"),
+        (dict(param=torch.zeros(())), "param"),
+        (dict(param=torch.zeros(4, 3, 2).transpose(0, 1)), "param"),  # rows of another shape must be contiguous
         (dict(exp_avg=torch.zeros(4, 2)), "exp_avg"),
         (dict(rows=torch.tensor([0], dtype=torch.int32)), "rows"),
         (dict(grad_rows=torch.zeros(2, 3)), "grad_rows"),
