@@ -273,7 +273,9 @@ class SparseRowAdam(torch.optim.Optimizer):
         with torch.no_grad():
             rows = indices.reshape(-1).to(device=param.device, dtype=torch.int64)
             if param.device.type == "cpu" and not torch.compiler.is_compiling():
-                rows = torch.unique(rows)  # sorted, no padding: the torch implementation needs no mask
+                # on CPU a data-dependent size costs no device sync: only the rows behind, no padding
+                rows = torch.unique(rows)
+                rows = rows[state[_ROW_STEP][rows] != state[_CLOCK]]
                 op_rows = rows
             else:  # keep the size: the first of equal rows works, the rest are padding (-1)
                 rows = rows.sort().values
@@ -369,7 +371,10 @@ class SparseRowAdam(torch.optim.Optimizer):
         step = int(state["step"].item())
         catch_up = None
         if group["catch_up"]:  # rows first to the previous step, in the same pass as this one
-            catch_up = state[_WINDOW][_COEFFS][:, (step - 1 - state[_ROW_STEP][rows]).long()].t()
+            ages = (step - 1 - state[_ROW_STEP][rows]).long()
+            # rows read through the hook are up to date already; on CPU, skipping that no-op costs no sync
+            if p.device.type != "cpu" or bool(ages.any()):
+                catch_up = state[_WINDOW][_COEFFS][:, ages].t()
         if rows.numel():
             sparse_adam_step_(
                 p, state["exp_avg"], state["exp_avg_sq"], rows, values, catch_up=catch_up,
