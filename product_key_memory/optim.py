@@ -401,8 +401,11 @@ class _CatchUpBeforeRead:
     def __init__(self, optimizer_ref, param: nn.Parameter):
         self.optimizer_ref, self.param = optimizer_ref, param
 
+    def __getstate__(self):  # a pickled model keeps the hook but not the optimizer (a weakref does not pickle)
+        return {"optimizer_ref": None, "param": self.param}
+
     def __call__(self, module, args, kwargs):
-        optimizer = self.optimizer_ref()
+        optimizer = self.optimizer_ref() if self.optimizer_ref is not None else None
         if optimizer is not None:
             indices = args[0] if args else kwargs["indices"]
             optimizer.catch_up_read_(self.param, indices)

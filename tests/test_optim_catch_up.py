@@ -316,3 +316,16 @@ def test_rows_of_any_shape_step_as_flat_rows(catch_up):
     for o in opts:
         o.catch_up_()
     assert_close(cube.detach().reshape(S, 6), flat.detach(), rtol=0, atol=0)
+
+
+def test_model_with_hooks_pickles_and_copies():
+    import pickle
+
+    model, opt = _trained_with_stale_rows()
+    x = torch.randn(3, 8)
+    clone = pickle.loads(pickle.dumps(model))  # the hook comes along, inert: its optimizer stays behind
+    with torch.no_grad():
+        before = clone(x)
+        assert_close(clone(x), before)
+        model(x)
+    assert copy.deepcopy(model) is not None
