@@ -81,13 +81,17 @@ class SparseRowAdam(torch.optim.Optimizer):
           rho_j = prod_{i=s+1..j} beta1_i / sqrt(beta2_i)
 
       with each skipped step's own learning rate (so schedulers work), betas and decay.
-      The one term left out is Adam's ``eps`` in those steps: each skipped update
-      ``lr_j / (1 - beta1**j) * m_j / (a_j + eps)``, ``a_j = sqrt(v_j / (1 - beta2**j))``, is
-      taken as ``... / a_j``, so the parameter differs from dense Adam's by at most
-      ``sum_j |skipped update_j| * eps / a_j`` per element (exactly 0 for ``eps = 0``;
-      elements never updated, ``v = 0``, do not move, as in dense Adam). The bound grows
-      as an unread row's ``v`` decays, while each update shrinks by ``beta1 / sqrt(beta2)``
-      a step, so it stays within a few ``eps / a`` of the row's last update.
+      The one term left out is Adam's ``eps`` in those steps. Dense Adam's skipped update is
+      ``e_j = lr_j / (1 - beta1**j) * m_j / (a_j + eps)`` with ``a_j = sqrt(v_j / (1 - beta2**j))``;
+      the closed form takes ``f_j = e_j * (a_j + eps) / a_j``. The moments are exact, so the
+      parameter differs from dense Adam's by at most
+      ``sum_j |f_j - e_j| = sum_j |e_j| * eps / a_j = sum_j |f_j| * eps / (a_j + eps)`` per element,
+      the later decays (factors ``delta`` in ``(0, 1]``) only shrinking it: exactly 0 for
+      ``eps = 0``, never more than ``sum_j |f_j|`` (the skipped steps' whole move), and for
+      constant ``lr`` and betas with ``beta1 < beta2`` at most
+      ``|f_{s+1}| * (eps / a_{s+1}) / (1 - beta1 / beta2)``, since ``|f_j|`` shrinks by
+      ``beta1 / sqrt(beta2)`` a step and ``1 / a_j`` grows by ``1 / sqrt(beta2)``. Elements
+      never updated (``v = 0``, hence ``m = 0``) do not move, as in dense Adam.
 
       Rows are brought up to date when a gradient reaches them, by :meth:`catch_up_`
       (all rows: call it before evaluating with the table read by other code, saving, or
