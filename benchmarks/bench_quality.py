@@ -2,8 +2,8 @@
 
 The model and data are those of ``examples/train_lm.py`` (a small TransformerLM with a PKM in block 3,
 bytes of this Python's standard library, split by file). For each table size (``--num-keys``: 256 is
-65,536 slots, 1024 is 1,048,576) three runs start from the same weights and see the same batches, in lockstep (one step of each in
-turn, so that the load of a shared machine hits them alike):
+65,536 slots, 1024 is 1,048,576) three runs start from the same weights and see the same batches, in
+lockstep (one step of each in turn, so that the load of a shared machine hits them alike):
 
 * ``lazy``: ``build_optimizer`` with sparse value gradients, ``SparseRowAdam(catch_up=False)``;
 * ``catch_up``: the same with ``catch_up=True`` (dense AdamW's result for the table, rows caught up
@@ -18,8 +18,8 @@ steps and at equal training wall-clock (each curve interpolated at the fastest r
 median step time, optimizer state bytes and value-gradient bytes, slot usage on the validation
 batches (``MemoryUsageTracker``), and a plot.
 
-    python benchmarks/bench_quality.py --quick        # under 10 minutes on 2 CPU cores
-    python benchmarks/bench_quality.py                # longer runs
+    python -m benchmarks.bench_quality --quick        # both sizes, 60 steps each
+    python -m benchmarks.bench_quality                # 600 steps each
 
 Not a test: it asserts nothing. Timings share the machine with whatever else runs; the JSON records
 the load average before and after.
@@ -187,13 +187,13 @@ def plot(results, path: Path):
     plt.close(fig)
 
 
-QUICK = dict(steps=80, warmup=8, eval_every=20, eval_batches=4)
+QUICK = dict(steps=60, warmup=6, eval_every=20, eval_batches=4)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="80 steps a run, 4 validation batches: under 10 minutes")
+    p.add_argument("--quick", action="store_true", help="60 steps a run, 4 validation batches")
     p.add_argument("--num-keys", type=int, nargs="+", default=[256, 1024],
                    help="sub-keys per half: num_keys**2 slots (256: 65,536; 1024: 1,048,576)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
