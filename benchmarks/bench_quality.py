@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -196,28 +197,28 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="60 steps a run, 4 validation batches")
     p.add_argument("--num-keys", type=int, nargs="+", default=[256, 1024],
                    help="sub-keys per half: num_keys**2 slots (256: 65,536; 1024: 1,048,576)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ff-mult", type=int, default=4)
-    p.add_argument("--pkm-layers", type=int, nargs="+", default=[3])
-    p.add_argument("--topk", type=int, default=16)
-    p.add_argument("--pkm-heads", type=int, default=4)
-    p.add_argument("--pkm-dim-head", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--pkm-lr", type=float, default=1e-2)
-    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="optimizers to compare")
+    p.add_argument("--steps", type=int, default=600, help="training steps of each run (60 with --quick)")
+    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps (6 with --quick)")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between validations (20 with --quick)")
+    p.add_argument("--eval-batches", type=int, default=8, help="validation batches (4 with --quick)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=128, help="bytes per sequence")
+    p.add_argument("--dim", type=int, default=128, help="model width (and value width)")
+    p.add_argument("--depth", type=int, default=4, help="number of blocks")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--ff-mult", type=int, default=4, help="feedforward width as a multiple of --dim")
+    p.add_argument("--pkm-layers", type=int, nargs="+", default=[3], help="blocks with a PKM, from 1")
+    p.add_argument("--topk", type=int, default=16, help="memory slots read per PKM head")
+    p.add_argument("--pkm-heads", type=int, default=4, help="PKM query heads")
+    p.add_argument("--pkm-dim-head", type=int, default=64, help="width of a PKM query")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate off the value tables")
+    p.add_argument("--pkm-lr", type=float, default=1e-2, help="learning rate of the value tables")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay off the tables")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS / "bench_quality.json")
-    if "--quick" in (argv if argv is not None else os.sys.argv[1:]):
+    p.add_argument("--seed", type=int, default=0, help="seed of the model and the batches")
+    p.add_argument("--out", type=Path, default=RESULTS / "bench_quality.json", help="JSON file (the plot goes beside)")
+    if "--quick" in (argv if argv is not None else sys.argv[1:]):
         p.set_defaults(**QUICK)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
