@@ -17,7 +17,7 @@ input (8, 1024, 512)) and ``keys1024`` (num_keys=1024: 1M slots); each in ``fp32
 under ``bf16`` autocast. Phases: ``forward`` (eval, no grad), ``fwd+bwd`` (loss
 ``out.square().mean()``), ``step`` (zero_grad, forward, backward, optimizer step with each
 library's recommended set-up: ours ``build_optimizer`` (sparse value gradient; the triton
-backend steps value rows with the Triton kernel of ``ops/sparse_adam``), 0.3.0 ``torch.optim.Adam`` over its
+backend steps value rows with ``ops.sparse_adam``), 0.3.0 ``torch.optim.Adam`` over its
 ``fetch_optimizer_parameters`` groups), ``decode`` (input (1, 1, 512), eval forward),
 ``decode graph`` (ours only, on CUDA: the same step replayed through
 ``product_key_memory.cuda_graphs.GraphedForward``, as ``TransformerLM.generate`` decodes),

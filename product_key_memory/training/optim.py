@@ -5,13 +5,15 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import weakref
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .._checks import check_positive_int
-from ..ops import backend_for, empty_hugepage
+from ..ops import empty_hugepage
+from ..ops.sparse_adam import sparse_adam_step_
 from ..tables.base import ValueTable
 
 __all__ = ["fetch_pkm_value_parameters", "fetch_optimizer_parameters", "SparseRowAdam", "build_optimizer"]
@@ -54,31 +56,79 @@ def fetch_optimizer_parameters(
 
 
 class SparseRowAdam(torch.optim.Optimizer):
-    r"""Adam that, given a sparse gradient, updates only the rows it holds (lazy Adam).
+    r"""Adam for tables that learn from row-sparse gradients: lazy, or with dense Adam's result (``catch_up``).
 
     Dense gradients get exactly ``torch.optim.Adam``'s step (its single-tensor,
     ``foreach=False`` formulas), also with ``maximize``, ``amsgrad`` and
     ``decoupled_weight_decay``. A sparse gradient (e.g. a PKM value table with
-    ``values.sparse = True``) updates its rows' moments and values and leaves every
-    other row, and its moments, untouched, so the step costs follow the tokens, not
-    the table size. Bias correction counts the steps in which the parameter had a
-    gradient (as ``torch.optim.SparseAdam``); when every row is in every sparse
-    gradient the result equals ``torch.optim.Adam``. ``weight_decay`` (L2 added to the
-    gradient, or with ``decoupled_weight_decay`` the AdamW decay of the weights) and
-    ``amsgrad``'s running maximum apply to the touched rows only for sparse gradients.
+    ``values.sparse = True``) updates the rows it holds, so the step costs follow the
+    tokens, not the table size. Bias correction counts the steps in which the parameter
+    had a gradient (as ``torch.optim.SparseAdam``). A row missing from a sparse gradient
+    has a zero gradient in that step; what happens to it depends on ``catch_up``:
 
-    Every option can also be set per parameter group (and edited there between steps).
+    * ``catch_up=False`` (lazy Adam): the row and its moments stay as they are. When every
+      row is in every sparse gradient the result equals ``torch.optim.Adam``; otherwise it
+      does not (dense Adam decays an unread row's moments and keeps moving it on its
+      momentum). ``weight_decay`` and ``amsgrad`` apply to the rows in the gradient only.
+    * ``catch_up=True``: the result of dense Adam with decoupled weight decay (AdamW) at
+      about the lazy cost. A row last brought up to date at step ``s`` and next touched at
+      step ``e`` first gets, in closed form, what the skipped steps ``j = s+1 .. e`` of
+      dense Adam with a zero gradient do to it::
+
+          m_e = m_s * prod_j beta1_j            v_e = v_s * prod_j beta2_j
+          p_e = p_s * prod_j delta_j - (m_s / sqrt(v_s)) * sum_j [prod_{i>j} delta_i] * c_j * rho_j
+          delta_j = 1 - lr_j * weight_decay_j   c_j = lr_j * sqrt(1 - beta2_j**j) / (1 - beta1_j**j)
+          rho_j = prod_{i=s+1..j} beta1_i / sqrt(beta2_i)
+
+      with each skipped step's own learning rate (so schedulers work), betas and decay.
+      The one term left out is Adam's ``eps`` in those steps. Dense Adam's skipped update is
+      ``e_j = lr_j / (1 - beta1**j) * m_j / (a_j + eps)`` with ``a_j = sqrt(v_j / (1 - beta2**j))``;
+      the closed form takes ``f_j = e_j * (a_j + eps) / a_j``. The moments are exact, so the
+      parameter differs from dense Adam's by at most
+      ``sum_j |f_j - e_j| = sum_j |e_j| * eps / a_j = sum_j |f_j| * eps / (a_j + eps)`` per element,
+      the later decays (factors ``delta`` in ``(0, 1]``) only shrinking it: exactly 0 for
+      ``eps = 0``, never more than ``sum_j |f_j|`` (the skipped steps' whole move), and for
+      constant ``lr`` and betas with ``beta1 < beta2`` at most
+      ``|f_{s+1}| * (eps / a_{s+1}) / (1 - beta1 / beta2)``, since ``|f_j|`` shrinks by
+      ``beta1 / sqrt(beta2)`` a step and ``1 / a_j`` grows by ``1 / sqrt(beta2)``. Elements
+      never updated (``v = 0``, hence ``m = 0``) do not move, as in dense Adam.
+
+      Rows are brought up to date when a gradient reaches them, by :meth:`catch_up_`
+      (all rows: call it before evaluating with the table read by other code, saving, or
+      exporting), by a forward pre-hook on the value tables (:meth:`attach`, done by
+      :func:`build_optimizer`: a forward then reads what dense Adam's model would), and
+      ``ceil(num_rows / catch_up_window)`` rows a step in turn, so that no row is more
+      than ``catch_up_window`` steps behind. The per-step numbers above are kept for the
+      last ``catch_up_window`` steps only.
+
+      Memory per table of ``S`` rows: an int32 step counter per row (``4 * S`` bytes,
+      against ``8 * S * dim`` for the two moments in float32), ``5 * (catch_up_window + 1)``
+      float64 per-step numbers and a step clock. Work per step: the rows in the gradient,
+      ``ceil(S / catch_up_window)`` more rows, and ``O(catch_up_window)`` scalars. The
+      Triton kernel applies the catch-up in the same pass as the step.
+
+      ``catch_up`` cannot honour ``amsgrad`` (its maximum is not a closed form of the
+      skipped steps), L2 ``weight_decay`` without ``decoupled_weight_decay`` (it gives
+      unread rows a gradient), or ``betas[0] >= sqrt(betas[1])`` (an unread row's
+      ``m / sqrt(v)`` then grows without bound and ``eps`` decides the step); those raise
+      ``ValueError``. ``maximize`` changes nothing in a zero-gradient step and is kept.
+
+    Every option can also be set per parameter group (and edited there between steps;
+    a group switched from ``catch_up=True`` to ``False`` first brings its rows up to date).
     Adam's implementation switches are accepted where they change nothing: ``foreach``
     (there is one implementation), ``fused``, ``capturable`` and ``differentiable`` set
     to ``False``/``None``; set to ``True``, or a group key that is an option of another
     ``torch.optim`` optimizer (``momentum``, ``nesterov``, ...), raises ``ValueError``
     rather than being ignored. Other keys (a scheduler's ``initial_lr``, your own tags)
-    are kept as torch keeps them.
+    are kept as torch keeps them. The rows are updated by
+    :func:`product_key_memory.ops.sparse_adam.sparse_adam_step_` (Triton on CUDA).
 
     Args:
         params: parameters or groups, e.g. :func:`fetch_optimizer_parameters`.
         lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay: as
             ``torch.optim.Adam``.
+        catch_up: dense Adam's result for rows missing from sparse gradients (above).
+        catch_up_window: the most steps a row may fall behind (``catch_up`` only).
         chunk_bytes: sparse rows are updated in blocks of about this many bytes, so the
             temporaries stay small and are reused instead of freshly mapped.
     """
@@ -94,10 +144,14 @@ class SparseRowAdam(torch.optim.Optimizer):
         *,
         maximize: bool = False,
         decoupled_weight_decay: bool = False,
+        catch_up: bool = False,
+        catch_up_window: int = 4096,
         chunk_bytes: int = 1 << 20,
     ):
         check_positive_int("chunk_bytes", chunk_bytes)
+        check_positive_int("catch_up_window", catch_up_window)
         self.chunk_bytes = chunk_bytes
+        self.catch_up_window = catch_up_window
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -106,14 +160,25 @@ class SparseRowAdam(torch.optim.Optimizer):
             amsgrad=amsgrad,
             maximize=maximize,
             decoupled_weight_decay=decoupled_weight_decay,
+            catch_up=catch_up,
         )
         _check_group(defaults, "")
         defaults["betas"] = tuple(betas)
         super().__init__(params, defaults)
+        self._hooks: List = []
+
+    def __getstate__(self):
+        state = super().__getstate__()  # torch keeps defaults, state and groups; a copy needs these too
+        state.update(chunk_bytes=self.chunk_bytes, catch_up_window=self.catch_up_window)
+        return state
 
     def __setstate__(self, state):
         # state dicts of earlier versions have groups without the newer options
+        for key, default in (("chunk_bytes", 1 << 20), ("catch_up_window", 4096)):
+            if key not in state and key not in self.__dict__:  # load_state_dict passes state and groups only
+                state[key] = default
         super().__setstate__(state)
+        self.__dict__.setdefault("_hooks", [])
         for group in self.param_groups:
             for key in _BOOL_OPTIONS:
                 group.setdefault(key, False)
@@ -121,6 +186,16 @@ class SparseRowAdam(torch.optim.Optimizer):
     def add_param_group(self, param_group: Dict) -> None:
         super().add_param_group(param_group)
         _check_group(self.param_groups[-1], f"param_groups[{len(self.param_groups) - 1}]: ")
+
+    def load_state_dict(self, state_dict: Dict) -> None:
+        # torch casts floating state to the parameter's dtype; the per-step numbers stay float64
+        windows = {pid: st[_WINDOW] for pid, st in state_dict["state"].items() if _WINDOW in st}
+        super().load_state_dict(state_dict)
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            if pid in windows:
+                self.state[p][_WINDOW] = windows[pid].to(dtype=torch.float64, device=p.device, copy=True)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -141,12 +216,124 @@ class SparseRowAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"] = _zeros_state(p)
                 if group["amsgrad"] and "max_exp_avg_sq" not in state:
                     state["max_exp_avg_sq"] = _zeros_state(p)
+                sparse_catch_up = p.grad.is_sparse and group["catch_up"]
+                if _ROW_STEP in state and not sparse_catch_up:
+                    # a dense gradient, or catch-up switched off: every row to the last step, then as usual
+                    self._catch_up_rows(p, state, None)
+                    for key in _CATCH_UP_STATE:
+                        del state[key]
+                if sparse_catch_up and _ROW_STEP not in state:
+                    self._init_catch_up(p, state)
                 state["step"] += 1
                 if p.grad.is_sparse:
                     self._sparse_step(p, p.grad, state, group)
                 else:
                     self._dense_step(p, p.grad, state, group)
         return loss
+
+    @torch.no_grad()
+    def catch_up_(self) -> None:
+        """Bring every row of every ``catch_up`` table to the last step: afterwards each table,
+        and its moments, hold what dense Adam's would (within the ``eps`` bound). Costs one pass
+        over the tables; call it before evaluation that bypasses the tables' forward, saving or
+        exporting the weights."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and _ROW_STEP in state:
+                    self._catch_up_rows(p, state, None)
+
+    def attach(self, module: nn.Module) -> List:
+        """Register a forward pre-hook on every :class:`ValueTable` in ``module`` whose weight this
+        optimizer steps with ``catch_up``: before a forward reads rows, they are brought up to the
+        last step, so the model reads what dense Adam's would. Returns the hook handles
+        (:func:`build_optimizer` calls this). The hook reads the ``indices`` argument, runs on
+        every backend, does no host sync on CUDA (duplicate rows are masked, not removed) and
+        is traced by ``torch.compile``. Tables whose value parameter is not one
+        ``(num_slots, dim)`` tensor (quantized, sharded) are left alone; reads that do not go
+        through the table's forward (``functional.value_read`` on its weight) need
+        :meth:`catch_up_` first."""
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
+        handles = []
+        ref = weakref.ref(self)
+        for m in module.modules():
+            if not isinstance(m, ValueTable):
+                continue
+            params = list(m.value_parameters())
+            if len(params) != 1 or params[0].dim() != 2 or params[0].shape[0] != m.num_slots:
+                continue
+            group = groups.get(id(params[0]))
+            if group is None or not group["catch_up"]:
+                continue
+            handles.append(m.register_forward_pre_hook(_CatchUpBeforeRead(ref, params[0]), with_kwargs=True))
+        self._hooks.extend(handles)
+        return handles
+
+    def catch_up_read_(self, param: Tensor, indices: Tensor) -> None:
+        """Bring the rows ``indices`` (any shape, repeats allowed) of ``param`` to the last step."""
+        state = self.state.get(param)
+        if not state or _ROW_STEP not in state:
+            return
+        with torch.no_grad():
+            rows = indices.reshape(-1).to(device=param.device, dtype=torch.int64)
+            if param.device.type == "cpu" and not torch.compiler.is_compiling():
+                # on CPU a data-dependent size costs no device sync: only the rows behind, no padding
+                rows = torch.unique(rows)
+                rows = rows[state[_ROW_STEP][rows] != state[_CLOCK]]
+                op_rows = rows
+            else:  # keep the size: the first of equal rows works, the rest are padding (-1)
+                rows = rows.sort().values
+                repeat = torch.zeros_like(rows, dtype=torch.bool)
+                repeat[1:] = rows[1:] == rows[:-1]
+                op_rows = rows.masked_fill(repeat, -1)
+            self._catch_up_rows(param, state, rows, op_rows=op_rows, to=state[_CLOCK])
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _init_catch_up(self, p: Tensor, state) -> None:
+        """Every row counts as up to date at the current step (a fresh table, or a lazy state loaded)."""
+        now = int(state["step"].item())
+        state[_ROW_STEP] = torch.full((p.shape[0],), now, dtype=torch.int32, device=p.device)
+        state[_CLOCK] = torch.tensor(now, dtype=torch.int32, device=p.device)
+        window = torch.ones(5, self.catch_up_window + 1, dtype=torch.float64, device=p.device)
+        window[4] = 0
+        state[_WINDOW] = window
+        state[_CURSOR] = 0
+
+    def _catch_up_rows(self, p, state, rows, *, op_rows=None, to=None) -> None:
+        """Rows ``rows`` (``None``: all, in blocks) to step ``to`` (the clock when ``None``), with the
+        coefficients of the window for each row's age; their counters then read ``to``."""
+        row_step, window = state[_ROW_STEP], state[_WINDOW]
+        to = state[_CLOCK] if to is None else to
+        if rows is None:
+            block = max(1, self.chunk_bytes // max(1, p[0].numel() * p.element_size())) * 16
+            for start in range(0, p.shape[0], block):
+                r = torch.arange(start, min(start + block, p.shape[0]), device=p.device)
+                self._catch_up_rows(p, state, r, op_rows=r, to=to)
+            return
+        ages = (to - row_step[rows]).long()  # (U,), in [0, catch_up_window]
+        coeffs = window[_COEFFS][:, ages].t()  # (U, 4): d, b1, b2, s
+        sparse_adam_step_(
+            p.data, state["exp_avg"], state["exp_avg_sq"], rows if op_rows is None else op_rows, None,
+            catch_up=coeffs, lr=0.0, betas=(0.0, 0.0), eps=0.0, step=1, chunk_bytes=self.chunk_bytes,
+        )
+        row_step[rows] = to
+
+    def _push_step(self, state, group, step: int) -> None:
+        """Shift the window one step: entry ``a`` takes a row from step ``step - a`` to ``step``."""
+        window = state[_WINDOW]
+        beta1, beta2 = group["betas"]
+        delta = 1 - group["lr"] * group["weight_decay"]  # decoupled (checked), else weight_decay == 0
+        c = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+        old = window[:, :-1].clone()
+        window[0, 1:] = old[0] * delta
+        window[1, 1:] = old[1] * beta1
+        window[2, 1:] = old[2] * beta2
+        window[3, 1:] = old[3] * (beta1 / math.sqrt(beta2))
+        window[4, 1:] = old[4] * delta + c * window[3, 1:]
+        window[:4, 0] = 1
+        window[4, 0] = 0
+        state[_CLOCK].fill_(step)
 
     @staticmethod
     def _coefficients(state, group):
@@ -178,7 +365,6 @@ class SparseRowAdam(torch.optim.Optimizer):
         p.addcdiv_(exp_avg, denom, value=-step_size)
 
     def _sparse_step(self, p: Tensor, grad: Tensor, state, group) -> None:
-        beta1, beta2, step_size, bc2_sqrt = self._coefficients(state, group)
         if grad.sparse_dim() != 1:  # e.g. dense.to_sparse(): one index per element, make it row-sparse
             grad = grad.to_dense().to_sparse(sparse_dim=1)
         rows, values = grad._indices()[0], grad._values()
@@ -186,43 +372,56 @@ class SparseRowAdam(torch.optim.Optimizer):
         if not (grad.is_coalesced() or bool((rows[1:] > rows[:-1]).all())):
             grad = grad.coalesce()
             rows, values = grad.indices()[0], grad.values()
-        if rows.numel() == 0:
-            return
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        max_sq = state["max_exp_avg_sq"] if group["amsgrad"] else None
-        wd, decoupled = group["weight_decay"], group["decoupled_weight_decay"]
-        if max_sq is None and not decoupled and p.is_contiguous() and backend_for(p.device) == "triton":
-            from ..ops.triton import adam  # one kernel updates the rows in place
-
-            adam.sparse_adam_step_(
-                p, exp_avg, exp_avg_sq, rows, values, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=wd, step=state["step"].item(), maximize=group["maximize"],
+        step = int(state["step"].item())
+        catch_up = None
+        if group["catch_up"]:  # rows first to the previous step, in the same pass as this one
+            ages = (step - 1 - state[_ROW_STEP][rows]).long()
+            # rows read through the hook are up to date already; on CPU, skipping that no-op costs no sync
+            if p.device.type != "cpu" or bool(ages.any()):
+                catch_up = state[_WINDOW][_COEFFS][:, ages].t()
+        if rows.numel():
+            sparse_adam_step_(
+                p, state["exp_avg"], state["exp_avg_sq"], rows, values, catch_up=catch_up,
+                max_exp_avg_sq=state["max_exp_avg_sq"] if group["amsgrad"] else None, lr=group["lr"],
+                betas=group["betas"], eps=group["eps"], step=step, weight_decay=group["weight_decay"],
+                decoupled_weight_decay=group["decoupled_weight_decay"], maximize=group["maximize"],
+                chunk_bytes=self.chunk_bytes,
             )
-            return
-        row_bytes = max(1, values[0].numel() * values.element_size())
-        chunk = max(1, self.chunk_bytes // row_bytes)
-        for start in range(0, rows.numel(), chunk):
-            r, g = rows[start : start + chunk], values[start : start + chunk]
-            p_r = p.index_select(0, r)
-            if group["maximize"]:
-                g = -g
-            if wd != 0 and decoupled:
-                p_r.mul_(1 - group["lr"] * wd)
-            elif wd != 0:
-                g = g.add(p_r, alpha=wd)
-            m_r = exp_avg.index_select(0, r).lerp_(g, 1 - beta1)
-            v_r = exp_avg_sq.index_select(0, r).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            exp_avg.index_copy_(0, r, m_r)
-            exp_avg_sq.index_copy_(0, r, v_r)
-            if max_sq is not None:
-                v_r = torch.maximum(max_sq.index_select(0, r), v_r, out=v_r)
-                max_sq.index_copy_(0, r, v_r)
-            denom = v_r.sqrt_().div_(bc2_sqrt).add_(group["eps"])
-            # gather, update, copy back: index_add_ is a slow scatter on CPU with several threads
-            p.index_copy_(0, r, p_r.addcdiv_(m_r, denom, value=-step_size))
+        if group["catch_up"]:
+            state[_ROW_STEP][rows] = step
+            self._push_step(state, group, step)
+            # a slice of the table in turn, so that no row falls more than the window behind
+            n = p.shape[0]
+            width = state[_WINDOW].shape[1] - 1
+            k = min(n, -(-n // width))
+            turn = (torch.arange(k, device=p.device) + state[_CURSOR]) % n
+            state[_CURSOR] = (state[_CURSOR] + k) % n
+            self._catch_up_rows(p, state, turn, to=step)
 
 
-_BOOL_OPTIONS = ("amsgrad", "maximize", "decoupled_weight_decay")
+class _CatchUpBeforeRead:
+    """A ValueTable forward pre-hook: catch the rows about to be read up (SparseRowAdam.attach)."""
+
+    def __init__(self, optimizer_ref, param: nn.Parameter):
+        self.optimizer_ref, self.param = optimizer_ref, param
+
+    def __getstate__(self):  # a pickled model keeps the hook but not the optimizer (a weakref does not pickle)
+        return {"optimizer_ref": None, "param": self.param}
+
+    def __call__(self, module, args, kwargs):
+        optimizer = self.optimizer_ref() if self.optimizer_ref is not None else None
+        if optimizer is not None:
+            indices = args[0] if args else kwargs["indices"]
+            optimizer.catch_up_read_(self.param, indices)
+
+
+# catch-up state: per-row step counters, the step they count to, the per-step numbers by age, the turn
+_ROW_STEP, _CLOCK, _WINDOW, _CURSOR = "catch_up_row_step", "catch_up_clock", "catch_up_window", "catch_up_cursor"
+_CATCH_UP_STATE = (_ROW_STEP, _CLOCK, _WINDOW, _CURSOR)
+_COEFFS = [0, 1, 2, 4]  # the window's rows that the op takes: d, b1, b2, s (row 3 is rho)
+
+
+_BOOL_OPTIONS = ("amsgrad", "maximize", "decoupled_weight_decay", "catch_up")
 # torch.optim.Adam's implementation switches: the value that changes nothing here
 _SWITCHES = {"foreach": (None, True, False), "fused": (None, False), "capturable": (None, False),
              "differentiable": (None, False)}
@@ -261,6 +460,20 @@ def _check_group(group: Dict, where: str) -> None:
                 f"{where}{key}={group[key]!r} is not supported by SparseRowAdam (one plain implementation); "
                 f"allowed: {' or '.join(map(repr, allowed))}"
             )
+    if group["catch_up"]:
+        what = f"{where}catch_up=True gives dense Adam's result in closed form, which it cannot with"
+        if group["amsgrad"]:
+            raise ValueError(f"{what} amsgrad=True (its running maximum); use catch_up=False or amsgrad=False")
+        if wd != 0 and not group["decoupled_weight_decay"]:
+            raise ValueError(
+                f"{what} L2 weight_decay={wd!r} (it gives unread rows a gradient); use decoupled_weight_decay=True "
+                "(AdamW's decay, which it applies over skipped steps) or weight_decay=0"
+            )
+        if not betas[0] < math.sqrt(betas[1]):
+            raise ValueError(
+                f"{what} betas={tuple(betas)!r}: it needs betas[0] < sqrt(betas[1]), else an unread row's "
+                "m / sqrt(v) grows without bound and eps decides its steps"
+            )
     foreign = sorted(set(group) & _foreign_options())
     if foreign:
         raise ValueError(
@@ -286,6 +499,8 @@ def build_optimizer(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     pkm_weight_decay: Optional[float] = None,
+    decoupled_weight_decay: bool = False,
+    catch_up: bool = False,
 ) -> SparseRowAdam:
     """The recommended optimizer set-up for a model holding PKM layers.
 
@@ -295,6 +510,12 @@ def build_optimizer(
     gradients hold only the rows read and the step updates only those rows: a
     training step then costs the same for a 65k- or a 1M-slot table. Without it
     this is plain Adam.
+
+    ``catch_up=True`` gives the value tables dense Adam's (AdamW's) result at about the
+    lazy cost (see :class:`SparseRowAdam`) and registers the forward pre-hooks that bring
+    rows up to date before a forward reads them (:meth:`SparseRowAdam.attach`). Weight decay
+    with it must be ``decoupled_weight_decay=True``. Which of the two learns better on the
+    byte-level LM is measured in ``benchmarks/README.md`` (Optimizer: lazy or catch-up).
 
     Example::
 
@@ -306,4 +527,8 @@ def build_optimizer(
             if isinstance(m, ValueTable) and m.supports_sparse_grad:
                 m.sparse = True
     groups = fetch_optimizer_parameters(module, pkm_learning_rate, pkm_weight_decay=pkm_weight_decay)
-    return SparseRowAdam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    opt = SparseRowAdam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        decoupled_weight_decay=decoupled_weight_decay, catch_up=catch_up)
+    if catch_up:
+        opt.attach(module)
+    return opt

@@ -150,7 +150,7 @@ def test_layer_bf16_autocast(cfg, lead):
 @pytest.mark.parametrize("cfg,lead", SIZES)
 def test_sparse_row_adam_two_steps(cfg, lead, monkeypatch):
     """``build_optimizer``'s SparseRowAdam: under triton the value rows step in the Adam kernel."""
-    from product_key_memory.ops.triton import adam
+    from product_key_memory.ops.sparse_adam import triton_impl as adam
 
     calls = []
     kernel_step = adam.sparse_adam_step_

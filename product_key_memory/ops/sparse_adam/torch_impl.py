@@ -1,0 +1,84 @@
+"""The row-sparse Adam update in torch ops, in blocks of rows (CPU, and CUDA without Triton).
+
+Each block is gathered, updated and copied back (``index_copy_``): on CPU with several threads
+``index_add_`` is a slow scatter. The step's formulas and their order are those of
+``torch.optim.Adam``'s single-tensor step, so a gradient holding every row gives Adam's numbers
+exactly. The catch-up of :mod:`.reference` runs first, in the parameter's precision (float32
+for half tables).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["sparse_adam_step_"]
+
+
+def sparse_adam_step_(
+    param: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Optional[Tensor],
+    rows: Tensor,
+    grad_rows: Optional[Tensor],
+    catch_up: Optional[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+    step_size: float,
+    bc2_sqrt: float,
+    chunk_bytes: int,
+) -> None:
+    if rows.numel() and bool((rows < 0).any()):  # padding (a sync on CUDA; the Triton kernel skips it instead)
+        keep = rows >= 0
+        rows = rows[keep]
+        grad_rows = None if grad_rows is None else grad_rows[keep]
+        catch_up = None if catch_up is None else catch_up[keep]
+    if rows.numel() == 0:
+        return
+    row_bytes = max(1, param[0].numel() * param.element_size())
+    chunk = max(1, chunk_bytes // row_bytes)
+    half = param.dtype in (torch.float16, torch.bfloat16)
+    for start in range(0, rows.numel(), chunk):
+        r = rows[start : start + chunk]
+        p_r, m_r, v_r = param.index_select(0, r), exp_avg.index_select(0, r), exp_avg_sq.index_select(0, r)
+        if catch_up is not None:
+            c = catch_up[start : start + chunk]
+            cdt = torch.float32 if half else param.dtype
+            d, b1, b2, s = (c[:, k : k + 1].to(cdt) for k in range(4))
+            m_c, v_c = m_r.to(cdt), v_r.to(cdt)
+            u = torch.where(v_c > 0, m_c / v_c.sqrt(), torch.zeros_like(m_c))
+            p_r = (p_r.to(cdt) * d - s * u).to(param.dtype)
+            m_r, v_r = (m_c * b1).to(exp_avg.dtype), (v_c * b2).to(exp_avg_sq.dtype)
+        if grad_rows is None:
+            exp_avg.index_copy_(0, r, m_r)
+            exp_avg_sq.index_copy_(0, r, v_r)
+            param.index_copy_(0, r, p_r)
+            continue
+        g = grad_rows[start : start + chunk]
+        mixed = p_r.dtype != m_r.dtype  # e.g. a bf16 table with float32 moments: compute in the moments' dtype
+        if mixed:
+            p_r, g = p_r.to(m_r.dtype), g.to(m_r.dtype)
+        if maximize:
+            g = -g
+        if weight_decay != 0 and decoupled_weight_decay:
+            p_r.mul_(1 - lr * weight_decay)
+        elif weight_decay != 0:
+            g = g.add(p_r, alpha=weight_decay)
+        m_r = m_r.lerp_(g, 1 - beta1)
+        v_r = v_r.to(m_r.dtype).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        exp_avg.index_copy_(0, r, m_r)
+        exp_avg_sq.index_copy_(0, r, v_r)
+        if max_exp_avg_sq is not None:
+            v_r = torch.maximum(max_exp_avg_sq.index_select(0, r), v_r, out=v_r)
+            max_exp_avg_sq.index_copy_(0, r, v_r)
+        denom = v_r.sqrt_().div_(bc2_sqrt).add_(eps)
+        param.index_copy_(0, r, p_r.addcdiv_(m_r, denom, value=-step_size).to(param.dtype))
