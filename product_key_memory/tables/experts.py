@@ -1,0 +1,68 @@
+"""A table of single-neuron experts: two ``(num_slots, dim)`` matrices, ``down`` and ``up`` (PEER)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as PF
+from .base import ValueTable
+
+__all__ = ["ExpertValues"]
+
+
+class ExpertValues(ValueTable):
+    r"""The experts of PEER (He 2024, arXiv 2407.04153): expert ``i`` is the MLP of one hidden
+    neuron, ``x -> act(x . down[i]) * up[i]``.
+
+    Both projections are value reads (:func:`functional.value_read`, ``torch.ops.pkm.value_read``),
+    so both tables get row-sparse gradients with :attr:`sparse`, learn at the value learning rate
+    (:func:`~product_key_memory.build_optimizer`) and are found as one :class:`ValueTable`:
+
+    * :meth:`project` ``(x, indices)``: the down read gathers each chosen row (one row per bag)
+      and takes its dot product with ``x``, ``(..., m)``;
+    * :meth:`read` ``(indices, weights)`` (calling the module): the up read,
+      ``sum_j weights[..., j] * up[indices[..., j]]``, with the layer's gated activations as
+      weights. Forward hooks (:class:`~product_key_memory.MemoryUsageTracker`) see this call.
+
+    Args:
+        num_slots: experts (rows of each matrix).
+        dim: width of a row (the layer's ``dim``).
+
+    Keyword-only args:
+        sparse: row-sparse gradients for both matrices.
+        device, dtype: factory kwargs.
+
+    Shape:
+        - down, up: ``(num_slots, dim)``, drawn ``N(0, 1)`` as ``nn.Embedding`` (PEER-pytorch 0.2.2).
+    """
+
+    def __init__(self, num_slots: int, dim: int, *, sparse: bool = False, device=None, dtype=None):
+        super().__init__(num_slots, dim, sparse=sparse)
+        self.down = nn.Parameter(torch.empty(num_slots, dim, device=device, dtype=dtype))
+        self.up = nn.Parameter(torch.empty(num_slots, dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Both matrices ~ ``N(0, 1)`` (``nn.Embedding``'s init, which PEER-pytorch 0.2.2 uses)."""
+        nn.init.normal_(self.down)
+        nn.init.normal_(self.up)
+
+    def project(self, x: Tensor, indices: Tensor, *, trainable: Optional[Tensor] = None) -> Tensor:
+        """``out[..., j] = x[..., :] . down[indices[..., j]]``: ``x (..., dim)``, ``indices (..., m)`` -> ``(..., m)``."""
+        if x.shape[:-1] != indices.shape[:-1] or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"x must be (..., {self.dim}) with the leading dims of indices {tuple(indices.shape)}, "
+                f"got {tuple(x.shape)}"
+            )
+        m = indices.shape[-1]
+        # one row per bag: a gather with the value read's (sparse) backward
+        rows = PF.value_read(self.down, indices.reshape(-1, 1), None, trainable=trainable, sparse=self.sparse)
+        rows = rows.view(-1, m, self.dim)  # (N, m, dim)
+        out = torch.bmm(rows, x.reshape(-1, self.dim, 1).to(rows.dtype))  # (N, m, 1)
+        return out.view(indices.shape)
+
+    def read(self, indices: Tensor, weights: Optional[Tensor], *, trainable: Optional[Tensor] = None) -> Tensor:
+        return PF.value_read(self.up, indices, weights, trainable=trainable, sparse=self.sparse)
