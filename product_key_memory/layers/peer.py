@@ -144,7 +144,8 @@ class PEER(nn.Module):
         factory = {"device": device, "dtype": dtype}
 
         self.norm = PeerRMSNorm(dim, **factory) if pre_rmsnorm else nn.Identity()
-        self.to_queries = nn.Linear(dim, 2 * heads * dim_key, bias=False, **factory)  # output laid out (2, heads, dim_key)
+        # queries laid out (2, heads, dim_key) as PEER-pytorch's, so its weight loads unchanged
+        self.to_queries = nn.Linear(dim, 2 * heads * dim_key, bias=False, **factory)
         self.keys = ProductKeys(heads, num_keys, dim_key, kept, **factory)
         self.scoring = Scoring(activation="relu" if non_competing_scores else "softmax")
         self.activation = activation()
@@ -194,7 +195,8 @@ class PEER(nn.Module):
         return train_mem_mask.repeat(n // train_mem_mask.shape[0]) if train_mem_mask.shape[0] != n else train_mem_mask
 
     def extra_repr(self) -> str:
-        s = f"dim={self.dim}, heads={self.heads}, num_experts={self.num_experts}, experts_per_head={self.experts_per_head}"
+        s = f"dim={self.dim}, heads={self.heads}, num_experts={self.num_experts}"
+        s += f", experts_per_head={self.experts_per_head}"
         if self.separate_embed_per_head:
             s += ", separate_embed_per_head=True"
         return s

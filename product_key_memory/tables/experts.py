@@ -51,7 +51,10 @@ class ExpertValues(ValueTable):
         nn.init.normal_(self.up)
 
     def project(self, x: Tensor, indices: Tensor, *, trainable: Optional[Tensor] = None) -> Tensor:
-        """``out[..., j] = x[..., :] . down[indices[..., j]]``: ``x (..., dim)``, ``indices (..., m)`` -> ``(..., m)``."""
+        """``out[..., j] = x[..., :] . down[indices[..., j]]``.
+
+        ``x (..., dim)`` and ``indices (..., m)`` -> ``(..., m)``.
+        """
         if x.shape[:-1] != indices.shape[:-1] or x.shape[-1] != self.dim:
             raise ValueError(
                 f"x must be (..., {self.dim}) with the leading dims of indices {tuple(indices.shape)}, "

@@ -138,7 +138,8 @@ def test_state_dict_round_trip():
 
 def test_build_optimizer_steps_only_the_experts_read():
     layer = _layer(dtype=torch.float32, non_competing_scores=False)
-    layer.reset_parameters()  # small sub-keys: no softmax weight underflows to 0 (a row read with weight 0 is not stepped)
+    # small sub-keys: no softmax weight underflows to 0 (a row read with weight 0 is not stepped)
+    layer.reset_parameters()
     opt = build_optimizer(layer, lr=1e-3, pkm_learning_rate=1e-2)
     assert layer.experts.sparse
     groups = fetch_optimizer_parameters(layer, 1e-2)
