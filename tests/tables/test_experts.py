@@ -6,7 +6,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.testing import assert_close
 
-from product_key_memory import ExpertValues, ValueTable
+from product_key_memory import PEER, ExpertValues, ValueTable, quantize_values_
+from product_key_memory.tables import QuantizedExpertValues
 
 
 def _inputs(n=5, m=6, slots=40, dim=8, dtype=torch.float64):
@@ -77,3 +78,20 @@ def test_project_checks_shapes():
     table = ExpertValues(40, 8)
     with pytest.raises(ValueError, match="x must be"):
         table.project(torch.randn(5, 7), torch.zeros(5, 3, dtype=torch.long))
+
+
+# a half table's read rounds the weights and sums to its dtype; int rows are dequantized to float32
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.int8, 1e-5), ("int4", 1e-5)])
+def test_quantized_experts_read_their_dequantized_rows(dtype, tol):
+    layer = PEER(16, heads=2, num_experts=64, num_experts_per_head=4, non_competing_scores=False)
+    x = torch.randn(5, 16)
+    quantize_values_(layer, dtype)
+    assert isinstance(layer.experts, QuantizedExpertValues) and not layer.experts.supports_sparse_grad
+    with torch.no_grad():
+        got = layer(x)
+        float_experts = ExpertValues(64, 16)
+        float_experts.down.copy_(layer.experts.down.dequantized())
+        float_experts.up.copy_(layer.experts.up.dequantized())
+        layer.experts = float_experts
+        want = layer(x)
+    assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item(), msg=f"{dtype}: the quantized rows' read")
