@@ -13,11 +13,11 @@ import importlib
 
 from .base import ValueTable
 from .embedding import VALUE_INITS, EmbeddingValues
-from .experts import ExpertValues, QuantizedExpertValues
+from .experts import ExpertValues
 from .pool import ValuePool
 from .sharded import ShardedValues
 
-_LAZY = {"QuantizedValues": ".quantized", "quantize_values_": ".quantized"}
+_LAZY = {"QuantizedValues": ".quantized", "QuantizedExpertValues": ".quantized", "quantize_values_": ".quantized"}
 
 
 def __getattr__(name):
@@ -28,5 +28,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ValueTable", "EmbeddingValues", "ExpertValues", "QuantizedExpertValues", "VALUE_INITS", "ValuePool", "ShardedValues", "QuantizedValues",
-           "quantize_values_"]
+__all__ = ["ValueTable", "EmbeddingValues", "ExpertValues", "VALUE_INITS", "ValuePool", "ShardedValues",
+           "QuantizedValues", "QuantizedExpertValues", "quantize_values_"]

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .. import functional as PF
 from .base import ValueTable
 
-__all__ = ["ExpertValues", "QuantizedExpertValues"]
+__all__ = ["ExpertValues"]
 
 
 class ExpertValues(ValueTable):
@@ -62,49 +62,13 @@ class ExpertValues(ValueTable):
             )
         # one row per bag: a gather with the value read's (sparse) backward
         rows = PF.value_read(self.down, indices.reshape(-1, 1), None, trainable=trainable, sparse=self.sparse)
-        return _dot_rows(x, rows, indices)
+        return dot_rows(x, rows, indices)
 
     def read(self, indices: Tensor, weights: Optional[Tensor], *, trainable: Optional[Tensor] = None) -> Tensor:
         return PF.value_read(self.up, indices, weights, trainable=trainable, sparse=self.sparse)
 
-    def quantized(self, format: str) -> "QuantizedExpertValues":
-        """A read-only copy with both matrices quantized (:func:`~product_key_memory.quantize_values_` calls it)."""
-        from .quantized import QuantizedValues
 
-        down, up = (QuantizedValues.from_float(w.detach(), format) for w in (self.down, self.up))
-        return QuantizedExpertValues(down, up)
-
-
-class QuantizedExpertValues(ValueTable):
-    r"""Read-only experts for inference: ``down`` and ``up`` are quantized tables
-    (:class:`~product_key_memory.QuantizedValues`), read as :class:`ExpertValues` reads its matrices.
-
-    Made by ``quantize_values_(model, dtype)`` on a model holding :class:`ExpertValues`; the state
-    dict holds the two quantized tables' buffers under ``down.`` and ``up.``.
-    """
-
-    supports_sparse_grad = False
-
-    def __init__(self, down: ValueTable, up: ValueTable):
-        if (down.num_slots, down.dim) != (up.num_slots, up.dim):
-            raise ValueError(f"down and up must have the same sizes, got {(down.num_slots, down.dim)} "
-                             f"and {(up.num_slots, up.dim)}")
-        super().__init__(up.num_slots, up.dim)
-        self.down, self.up = down, up
-
-    def reset_parameters(self) -> None:
-        raise RuntimeError("a quantized expert table is read-only; quantize a freshly initialised ExpertValues")
-
-    def project(self, x: Tensor, indices: Tensor, *, trainable: Optional[Tensor] = None) -> Tensor:
-        """As :meth:`ExpertValues.project`; ``trainable`` changes nothing (no row learns)."""
-        # the quantized table's read, not its module call: hooks count the experts' up reads only
-        return _dot_rows(x, self.down.read(indices.reshape(-1, 1), None), indices)
-
-    def read(self, indices: Tensor, weights: Optional[Tensor], *, trainable: Optional[Tensor] = None) -> Tensor:
-        return self.up.read(indices, weights)
-
-
-def _dot_rows(x: Tensor, rows: Tensor, indices: Tensor) -> Tensor:
+def dot_rows(x: Tensor, rows: Tensor, indices: Tensor) -> Tensor:
     """``rows (N * m, dim)`` read for ``indices (..., m)``, dotted with ``x (..., dim)`` -> ``(..., m)``."""
     rows = rows.view(-1, indices.shape[-1], rows.shape[-1])  # (N, m, dim)
     out = torch.bmm(rows, x.reshape(-1, rows.shape[-1], 1).to(rows.dtype))  # (N, m, 1)
