@@ -18,7 +18,9 @@ experts read). ``forward`` is eval mode under no_grad. The libraries alternate o
 repeat; reported: median and min-max in ms, ratio = PEER-pytorch median / ours, and the
 ratio of the minimums. Steps are timed after ``--warmup`` (5) untimed steps of each library: a
 lazy Adam's first steps also pay the first touch of its state rows, which a dense Adam pays once
-in its first step. Not a test: nothing here asserts timings.
+in its first step. ``--threads 2`` on a machine whose 2 cores other processes share made every
+small op of a step wait for the descheduled thread (one run: ours 11.8 s a step, min 1.1 s); the
+numbers in results/ are from ``--threads 1``. Not a test: nothing here asserts timings.
 """
 
 from __future__ import annotations
