@@ -191,6 +191,21 @@ def test_expert_table_is_a_value_table():
     assert _layer(separate_embed_per_head=True).experts.num_slots == HEADS * NUM_EXPERTS
 
 
+def test_compile_inductor_fullgraph_training_step_matches_eager():
+    torch._dynamo.reset()
+    layer = _layer(dtype=torch.float32, non_competing_scores=False)
+    compiled = torch.compile(layer, fullgraph=True)  # the default backend: generated C++ on CPU
+    x = torch.randn(2, 7, DIM)
+    results = []
+    for fn in (layer, compiled):
+        layer.zero_grad()
+        out = fn(x)
+        out.square().sum().backward()
+        results.append([("output", out.detach())] + [(n, p.grad.clone()) for n, p in layer.named_parameters()])
+    for (name, want), (_, got) in zip(*results):
+        assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item(), msg=f"inductor: {name}")
+
+
 # ---- PEER-pytorch 0.2.2 itself
 
 needs_peer_pytorch = pytest.mark.skipif(
@@ -231,3 +246,4 @@ def test_peer_pytorch_state_dict_gives_the_same_outputs_and_gradients(name):
         want, got = _grads(theirs, x, out_theirs, g), _grads(ours, x, out_ours, g)
         for key, value in want.items():
             assert_close(got[names.get(key, key)], value, msg=f"{name} (mask={mask is not None}): gradient of {key}")
+
