@@ -13,7 +13,7 @@ import importlib
 
 from .base import ValueTable
 from .embedding import VALUE_INITS, EmbeddingValues
-from .experts import ExpertValues
+from .experts import ExpertValues, ShardedExpertValues
 from .pool import ValuePool
 from .sharded import ShardedValues
 
@@ -28,5 +28,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ValueTable", "EmbeddingValues", "ExpertValues", "VALUE_INITS", "ValuePool", "ShardedValues",
-           "QuantizedValues", "QuantizedExpertValues", "quantize_values_"]
+__all__ = ["ValueTable", "EmbeddingValues", "ExpertValues", "ShardedExpertValues", "VALUE_INITS", "ValuePool",
+           "ShardedValues", "QuantizedValues", "QuantizedExpertValues", "quantize_values_"]

@@ -9,8 +9,9 @@ from torch import Tensor, nn
 
 from .. import functional as PF
 from .base import ValueTable
+from .sharded import ShardedValues
 
-__all__ = ["ExpertValues"]
+__all__ = ["ExpertValues", "ShardedExpertValues"]
 
 
 class ExpertValues(ValueTable):
@@ -66,6 +67,49 @@ class ExpertValues(ValueTable):
 
     def read(self, indices: Tensor, weights: Optional[Tensor], *, trainable: Optional[Tensor] = None) -> Tensor:
         return PF.value_read(self.up, indices, weights, trainable=trainable, sparse=self.sparse)
+
+    def shard(self, *, group=None, average_grads: bool = True) -> "ShardedExpertValues":
+        """This rank's columns of both matrices (:class:`ShardedExpertValues`); collective."""
+        down, up = (ShardedValues.from_full(w.detach(), group=group, average_grads=average_grads, sparse=self.sparse)
+                    for w in (self.down, self.up))
+        return ShardedExpertValues(down, up)
+
+
+class ShardedExpertValues(ValueTable):
+    r"""Experts whose two matrices are spread by columns over processes: ``down`` and ``up`` are
+    :class:`~product_key_memory.ShardedValues`, made by :func:`~product_key_memory.shard_values`
+    (:meth:`ExpertValues.shard`).
+
+    A read hands back whole rows for this rank's tokens (:func:`sharded_value_read`), so the down
+    projection is the same dot product as :class:`ExpertValues`'s and the layer's outputs, and the
+    gradients of everything but the tables, are those of the unsharded layer. Collective: every rank
+    runs every read.
+    """
+
+    def __init__(self, down: ShardedValues, up: ShardedValues):
+        if (down.num_slots, down.dim) != (up.num_slots, up.dim):
+            raise ValueError(f"down and up must have the same sizes, got {(down.num_slots, down.dim)} "
+                             f"and {(up.num_slots, up.dim)}")
+        super().__init__(up.num_slots, up.dim, sparse=up.sparse)
+        self.down, self.up = down, up
+
+    @ValueTable.sparse.setter
+    def sparse(self, value: bool) -> None:
+        ValueTable.sparse.fset(self, value)
+        if hasattr(self, "up"):  # build_optimizer sets it on every table
+            self.down.sparse = self.up.sparse = value
+
+    def reset_parameters(self) -> None:
+        self.down.reset_parameters()
+        self.up.reset_parameters()
+
+    def project(self, x: Tensor, indices: Tensor, *, trainable: Optional[Tensor] = None) -> Tensor:
+        """As :meth:`ExpertValues.project` (collective)."""
+        # the sharded tables' reads, not their module calls: hooks count the experts' up reads once
+        return dot_rows(x, self.down.read(indices.reshape(-1, 1), None, trainable=trainable), indices)
+
+    def read(self, indices: Tensor, weights: Optional[Tensor], *, trainable: Optional[Tensor] = None) -> Tensor:
+        return self.up.read(indices, weights, trainable=trainable)
 
 
 def dot_rows(x: Tensor, rows: Tensor, indices: Tensor) -> Tensor:
