@@ -20,7 +20,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.7", "triton", "faiss-cpu>=1.7",
-                 "transformers>=4.40", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
+                 "transformers>=4.40", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1",
+                 "PEER-pytorch==0.2.2"],
         "plot": ["matplotlib>=3.7"],
         "examples": ["tqdm>=4.60", "matplotlib>=3.7"],
         "hf": ["transformers>=4.40"],

@@ -15,10 +15,10 @@ import importlib.util
 import sys
 
 from . import functional, ops
-from .layers import PKM, MemoryPlus, ProductKeyMemory
+from .layers import PEER, PKM, MemoryPlus, ProductKeyMemory
 from .ops import use_backend
 from .parts import MaskedBatchNorm, MemoryOutput, ProductKeys, QueryLayerNorm, QueryNetwork, Scoring
-from .tables import EmbeddingValues, ShardedValues, ValuePool, ValueTable
+from .tables import EmbeddingValues, ExpertValues, ShardedValues, ValuePool, ValueTable
 from .training import SparseRowAdam, build_optimizer, fetch_optimizer_parameters, fetch_pkm_value_parameters
 
 __version__ = "0.4.0"
@@ -101,12 +101,14 @@ if not any(isinstance(finder, _Alias) for finder in sys.meta_path):
 __all__ = [
     "PKM",
     "ProductKeyMemory",
+    "PEER",
     "QueryNetwork",
     "ProductKeys",
     "Scoring",
     "MemoryOutput",
     "ValueTable",
     "EmbeddingValues",
+    "ExpertValues",
     "MemoryPlus",
     "ValuePool",
     "QuantizedValues",

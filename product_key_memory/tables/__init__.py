@@ -2,7 +2,8 @@
 
 Every table is a :class:`ValueTable` (``base.py``); the rest of the library finds tables
 through that class alone (optimizer groups, usage statistics, sharding, clipping,
-quantization). :class:`EmbeddingValues` (``embedding.py``) is the default table,
+quantization). :class:`EmbeddingValues` (``embedding.py``) is the default table, :class:`ExpertValues`
+(``experts.py``) PEER's experts (a down and an up matrix),
 :class:`ValuePool` (``pool.py``) one table shared by several layers, :class:`ShardedValues`
 (``sharded.py``) a table split by columns over processes, and :class:`QuantizedValues`
 (``quantized.py``, loaded on first use) a read-only table in fewer bytes per row.
@@ -12,10 +13,11 @@ import importlib
 
 from .base import ValueTable
 from .embedding import VALUE_INITS, EmbeddingValues
+from .experts import ExpertValues, ShardedExpertValues
 from .pool import ValuePool
 from .sharded import ShardedValues
 
-_LAZY = {"QuantizedValues": ".quantized", "quantize_values_": ".quantized"}
+_LAZY = {"QuantizedValues": ".quantized", "QuantizedExpertValues": ".quantized", "quantize_values_": ".quantized"}
 
 
 def __getattr__(name):
@@ -26,5 +28,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ValueTable", "EmbeddingValues", "VALUE_INITS", "ValuePool", "ShardedValues", "QuantizedValues",
-           "quantize_values_"]
+__all__ = ["ValueTable", "EmbeddingValues", "ExpertValues", "ShardedExpertValues", "VALUE_INITS", "ValuePool",
+           "ShardedValues", "QuantizedValues", "QuantizedExpertValues", "quantize_values_"]

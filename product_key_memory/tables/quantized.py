@@ -29,8 +29,10 @@ from ..ops.quantized_read import FORMATS as QUANTIZED_FORMATS
 from ..ops.quantized_read import HALF_DTYPES as _HALF
 from ..ops.quantized_read import dequantize_rows, quantize_rows, quantized_read, row_bytes
 from .base import ValueTable
+from .experts import ExpertValues, dot_rows
 
-__all__ = ["QuantizedValues", "quantize_values_", "quantize_rows", "dequantize_rows", "row_bytes", "QUANTIZED_FORMATS"]
+__all__ = ["QuantizedValues", "QuantizedExpertValues", "quantize_values_", "quantize_rows", "dequantize_rows",
+           "row_bytes", "QUANTIZED_FORMATS"]
 
 _ALIASES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.int8: "int8", "int4": "int4"}
 _ALIASES.update((f, f) for f in QUANTIZED_FORMATS)  # the format names themselves
@@ -209,9 +211,41 @@ class QuantizedValues(ValueTable):
         return s + (f", out_dtype={self.out_dtype}" if self.out_dtype != torch.float32 else "")
 
 
+class QuantizedExpertValues(ValueTable):
+    r"""Read-only experts for inference: ``down`` and ``up`` are quantized tables
+    (:class:`QuantizedValues`), read as :class:`~product_key_memory.ExpertValues` reads its matrices.
+
+    Made by ``quantize_values_(model, dtype)`` on a model holding :class:`~product_key_memory.ExpertValues`;
+    the state dict holds the two quantized tables' buffers under ``down.`` and ``up.``.
+    """
+
+    supports_sparse_grad = False
+
+    def __init__(self, down: ValueTable, up: ValueTable):
+        if (down.num_slots, down.dim) != (up.num_slots, up.dim):
+            raise ValueError(f"down and up must have the same sizes, got {(down.num_slots, down.dim)} "
+                             f"and {(up.num_slots, up.dim)}")
+        super().__init__(up.num_slots, up.dim)
+        self.down, self.up = down, up
+
+    def reset_parameters(self) -> None:
+        raise RuntimeError("a quantized expert table is read-only; quantize a freshly initialised ExpertValues")
+
+    def project(self, x: Tensor, indices: Tensor, *, trainable: Optional[Tensor] = None) -> Tensor:
+        """As :meth:`~product_key_memory.ExpertValues.project`; ``trainable`` changes nothing (no row learns)."""
+        # the quantized table's read, not its module call: hooks count the experts' up reads only
+        return dot_rows(x, self.down.read(indices.reshape(-1, 1), None), indices)
+
+    def read(self, indices: Tensor, weights: Optional[Tensor], *, trainable: Optional[Tensor] = None) -> Tensor:
+        return self.up.read(indices, weights)
+
+
 def _quantized_version(table: nn.Module, fmt: str, path: str) -> ValueTable:
     if isinstance(table, QuantizedValues):
         raise TypeError(f"quantize_values_: the table at {path or '<model>'!r} is already quantized ({table.format})")
+    if isinstance(table, ExpertValues):  # PEER's experts: both matrices quantized
+        down, up = (QuantizedValues.from_float(w.detach(), fmt) for w in (table.down, table.up))
+        return QuantizedExpertValues(down, up)
     hook = getattr(table, "quantized", None)
     if callable(hook):  # a table type of one's own decides how it quantizes
         return hook(fmt)
