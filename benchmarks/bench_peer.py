@@ -138,14 +138,17 @@ def run(args) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 repeats")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps of each library (medians)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed training steps of each library")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_peer.json")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024], help="tokens per step")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                        help="experts kept per head: softmax (16) or default (PEER-pytorch's one)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_peer.json",
+                        help="JSON file of the results")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats = 3
