@@ -5,6 +5,7 @@ and ``torch.compile`` import Triton), so it is set here, before any test module 
 """
 
 import os
+import sys
 
 import pytest
 import torch
@@ -16,6 +17,15 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    # compiled code objects are shared by every test of the process: without a reset, a test's
+    # compiles count toward the recompile limit of the tests before it (fullgraph then raises)
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -139,7 +139,7 @@ class QuantizedValues(ValueTable):
                 if fmt in _HALF:
                     half = rows.to(store.dtype)
                     overflow = torch.isinf(half) & torch.isfinite(rows)
-                    if bool(overflow.any()):
+                    if half.device.type != "meta" and bool(overflow.any()):  # meta: no values to check
                         i, j = (int(t) for t in overflow.nonzero()[0])
                         raise ValueError(
                             f"{fmt} holds values up to {torch.finfo(store.dtype).max:g}: row {start + i} holds "

@@ -319,3 +319,18 @@ def test_quantize_values_refuses_what_the_format_cannot_hold_naming_table_and_va
         model["table"].weight[5] = value
     with pytest.raises(ValueError, match=rf"'table'.*row 5.*{value!r}"):
         quantize_values_(model, fmt)
+
+
+@pytest.mark.parametrize("fmt", [torch.bfloat16, torch.float16, torch.int8, "int4"])
+def test_quantize_on_the_meta_device_then_load(fmt, tmp_path):
+    # a big table: built on the meta device and quantized there (no values to check or pack), then
+    # loaded with assign=True; the float table never exists
+    torch.manual_seed(0)
+    model = quantize_values_(PKM(32, heads=2, num_keys=8, topk=4, dim_head=8).eval(), fmt)
+    torch.save(model.state_dict(), tmp_path / "q.pt")
+    with torch.device("meta"):
+        served = quantize_values_(PKM(32, heads=2, num_keys=8, topk=4, dim_head=8), fmt)
+    served.load_state_dict(torch.load(tmp_path / "q.pt"), assign=True)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        assert torch.equal(served.eval()(x), model(x))
