@@ -5,6 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from product_key_memory import KNNMemory
+import product_key_memory.knn as knn_module
 from product_key_memory.knn import GROUP_SIZE, KNNMemoryList, exact_search
 
 
@@ -265,7 +266,7 @@ def test_exact_search_splits_the_queries_when_the_smallest_chunk_is_over_budget(
     calls = []
     real_bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append(a.shape[1]) or real_bmm(a, b))
-    scores, slots, mask = exact_search(queries, keys, count, 7)
+    scores, slots, mask = exact_search(queries, keys, count, 7, precision="fp32")
     ref_scores, ref_slots = stable_sort_topk(queries, keys, count, 7)
     assert max(calls) == 2, "every matmul scores at most 2 queries"
     assert torch.equal(slots, ref_slots) and mask.all()
@@ -331,3 +332,60 @@ def test_faiss_index_holds_exactly_the_live_memories_after_eviction():
     _, mask, slots = memory.search(queries, 6, 8, return_slots=True)  # nprobe = nlist
     ref, _ = brute_force(exact, queries, 6)
     assert mask.all() and torch.equal(slots, ref)
+
+
+needs_bf16 = pytest.mark.skipif(not knn_module.bf16_search_available(torch.device("cpu"), torch.float32, 16),
+                                reason="this CPU has no bf16 matmul (oneDNN)")
+
+
+def exact_grid(*shape, generator):
+    """Multiples of 2**-9 in [-1, 1): not all exact in bf16 (8 bits), and 16-dim inner products of them are
+    exact in fp32 (<= 24 bits) in any summation order, so fp32 brute force has one answer, ties included."""
+    return torch.randint(-512, 512, shape, generator=generator).float() / 512
+
+
+@needs_bf16
+@pytest.mark.parametrize("near_ties", [False, True])
+def test_bf16_candidates_with_fp32_rescoring_equal_fp32_brute_force(near_ties, monkeypatch):
+    g = torch.Generator().manual_seed(int(near_ties))
+    queries, keys = exact_grid(2, 300, 16, generator=g), exact_grid(2, 5000, 16, generator=g)
+    if near_ties:
+        # 600 copies of 3 keys per row, apart by one step of 2**-9 in one coordinate: below bf16's resolution
+        # there, so the approximate scores cannot order them and the certificate must send them to fp32
+        base = keys[:, :3].repeat_interleave(200, 1)
+        base[..., 0] = (base[..., 0] + torch.arange(600) % 5 / 512).clamp(-1, 1 - 1 / 512)
+        keys[:, 1000:1600] = base
+    count = torch.tensor([5000, 3777])
+    calls = []
+    real = knn_module._exact_search_fp32
+    monkeypatch.setattr(knn_module, "_exact_search_fp32", lambda q, *a: calls.append(q.shape[1]) or real(q, *a))
+    scores, slots, mask = exact_search(queries, keys, count, 32, precision="bf16")
+    ref_scores, ref_slots = stable_sort_topk(queries, keys, count, 32)
+    assert torch.equal(slots, ref_slots), "slots of fp32 brute force (ties to the lower slot)"
+    assert torch.equal(scores, ref_scores) and mask.all()
+    if near_ties:
+        assert calls, "near-ties within the bf16 bound were re-searched in fp32"
+
+
+@needs_bf16
+def test_bf16_path_holds_its_score_budget_and_counts(monkeypatch):
+    monkeypatch.setattr(knn_module, "BF16_CHUNK", 64)
+    monkeypatch.setattr(knn_module, "BF16_BUDGET", 2 * 10 * 64)  # 2 rows * 10 queries * 64 memories
+    g = torch.Generator().manual_seed(2)
+    queries, keys = exact_grid(2, 37, 16, generator=g), exact_grid(2, 203, 16, generator=g)
+    count = torch.tensor([203, 61])  # cuts a group, a chunk and the last padded chunk
+    sizes = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b, out=None: sizes.append(a.shape[1] * b.shape[2])
+                        or real_bmm(a, b, out=out))
+    for topk in (1, 32, 70):  # 70 > count of row 1
+        scores, slots, mask = exact_search(queries, keys, count, topk, precision="bf16")
+        ref_scores, ref_slots = stable_sort_topk(queries, keys, count, topk)
+        assert torch.equal(mask, (torch.arange(topk) < count[:, None, None]).expand(2, 37, topk))
+        assert torch.equal(slots, ref_slots) and torch.equal(scores[mask], ref_scores[mask]), f"topk={topk}"
+    assert max(sizes) <= 10 * 64, "no bf16 score block over the budget"
+
+
+def test_bad_precision_names_itself():
+    with pytest.raises(ValueError, match="precision must be"):
+        exact_search(torch.randn(1, 2, 4), torch.randn(1, 3, 4), torch.tensor([3]), 1, precision="half")
