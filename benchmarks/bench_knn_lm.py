@@ -103,12 +103,22 @@ class Recorder:
         return hits / max(1, total)
 
 
+def memory_kwargs(spec: str) -> dict:
+    """``"ivf:ivf_nprobe=16"`` -> ``{"backend": "ivf", "ivf_nprobe": 16}``; ``"default"``: the defaults."""
+    backend, _, rest = spec.partition(":")
+    kwargs = {} if backend == "default" else {"backend": backend}
+    for item in filter(None, rest.split(",")):
+        key, value = item.split("=")
+        kwargs[key] = int(value)
+    return kwargs
+
+
 def build(lib: str, peer_cls, dim: int, depth: int, layer: int, memories: int, tmp: str):
     torch.manual_seed(0)
-    if lib == "ours":
+    if lib != "peer":
         model = TransformerLM(256, dim, depth, SEQ, knn_layers=(layer,), heads=HEADS, dim_head=DIM_HEAD,
                               knn_kwargs=dict(num_retrieved_memories=TOPK))
-        mem = model.create_knn_memories(BATCH, max_memories=memories)
+        mem = model.create_knn_memories(BATCH, max_memories=memories, **memory_kwargs(lib.partition(" ")[2]))
 
         def loss(tokens):
             return model.loss(tokens, mem)
@@ -150,7 +160,7 @@ def measure(dim: int, memories: int, threads: int, args, peer_cls) -> list[dict]
         pass
     segments = -(-memories // SEQ)
     data = stdlib_stream((segments + args.repeats + 2) * SEQ + 1)
-    libs = ["ours"] + (["peer"] if peer_cls is not None else [])
+    libs = [f"ours {spec}" for spec in args.ours] + (["peer"] if peer_cls is not None else [])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         runs = {lib: build(lib, peer_cls, dim, args.depth, args.layer, memories, tmp) for lib in libs}
@@ -176,15 +186,17 @@ def table(rows: list[dict]) -> str:
              "| peer / ours (step) |", "| ---: | ---: | ---: | --- | --- | ---: |"]
     keyed = {}
     for r in rows:
-        keyed.setdefault((r["dim"], r["memories"], r["threads"]), {})[r["library"]] = r
+        keyed.setdefault((r["dim"], r["memories"], r["threads"]), []).append(r)
 
     def cell(r):
         return "-" if r is None else (f"{r['step_ms']:.0f} ms, {r['fill_s']:.1f} s, {r['recall_at_32']:.3f}, "
                                       f"{r['fill_rss_mib']:.0f} MiB")
-    for (dim, memories, threads), by in keyed.items():
-        ours, peer = by.get("ours"), by.get("peer")
-        ratio = f"{peer['step_ms'] / ours['step_ms']:.2f}x" if ours and peer else "-"
-        lines.append(f"| {dim} | {memories:,} | {threads} | {cell(ours)} | {cell(peer)} | {ratio} |")
+    for (dim, memories, threads), runs in keyed.items():
+        peer = next((r for r in runs if r["library"] == "peer"), None)
+        for ours in (r for r in runs if r["library"] != "peer"):
+            ratio = f"{peer['step_ms'] / ours['step_ms']:.2f}x" if peer else "-"
+            lines.append(f"| {dim} | {memories:,} | {threads} | {ours['library']}: {cell(ours)} | {cell(peer)} "
+                         f"| {ratio} |")
     return "\n".join(lines)
 
 
@@ -198,6 +210,8 @@ def main(argv=None):
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--layer", type=int, default=3, help="the memory layer (1-based)")
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--ours", nargs="+", default=["default"],
+                   help="our memories to measure: 'default' (the defaults), 'exact', 'ivf', 'ivf:ivf_nprobe=16', ...")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_knn_lm.json"))
     args = p.parse_args(argv)
     if args.quick:
@@ -211,7 +225,7 @@ def main(argv=None):
         for dim in args.dims:
             for threads in args.threads:
                 rows += measure(dim, memories, threads, args, peer_cls)
-                print(table(rows).splitlines()[-1], flush=True)
+                print("\n".join(table(rows).splitlines()[-len(args.ours):]), flush=True)
     print(table(rows))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ def test_quick_mode_measures_both_libraries(tmp_path):
     from benchmarks.bench_knn_lm import main
 
     rows = main(["--quick", "--out", str(tmp_path / "out.json")])
-    assert {r["library"] for r in rows} == {"ours", "peer"}
-    ours = next(r for r in rows if r["library"] == "ours")
+    assert {r["library"] for r in rows} == {"ours default", "peer"}
+    ours = next(r for r in rows if r["library"] == "ours default")
     assert ours["recall_at_32"] == 1.0, "the exact search finds every true top-32 memory"
     assert (tmp_path / "out.json").exists()
