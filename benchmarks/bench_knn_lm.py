@@ -4,8 +4,9 @@
     python benchmarks/bench_knn_lm.py --quick          # a smoke test: 1,024 memories, dim 64, 1 thread, 1 repeat
 
 Both models read the same byte-level documents (the Python standard library's source files, one after another
-per batch row), in segments of 512 tokens, batch 2, ``depth`` blocks with one memory layer, 4 heads of 64, 32
-memories retrieved per query. Each library's memory is filled by forward passes without gradients (the time
+per batch row), in segments of 512 tokens, batch 2, ``depth`` blocks (dense feedforwards, no PKM) with one
+memory layer, 4 heads of 64, 32 memories retrieved per query; each keeps its own position scheme (learned
+embeddings here, T5 relative bias in the peer). Each library's memory is filled by forward passes without gradients (the time
 to fill is reported), then training steps (forward, loss, backward, Adam) run with the memory full, the two
 libraries alternating step by step in one process; reported: median step time.
 
@@ -116,8 +117,8 @@ def memory_kwargs(spec: str) -> dict:
 def build(lib: str, peer_cls, dim: int, depth: int, layer: int, memories: int, tmp: str):
     torch.manual_seed(0)
     if lib != "peer":
-        model = TransformerLM(256, dim, depth, SEQ, knn_layers=(layer,), heads=HEADS, dim_head=DIM_HEAD,
-                              knn_kwargs=dict(num_retrieved_memories=TOPK))
+        model = TransformerLM(256, dim, depth, SEQ, knn_layers=(layer,), pkm_layers=(), heads=HEADS,
+                              dim_head=DIM_HEAD, knn_kwargs=dict(num_retrieved_memories=TOPK))  # no PKM: as the peer
         mem = model.create_knn_memories(BATCH, max_memories=memories, **memory_kwargs(lib.partition(" ")[2]))
 
         def loss(tokens):

@@ -619,8 +619,10 @@ class KNNMemory:
             slots, mask = self._ivf_search(q, topk, self.ivf_nprobe if nprobe is None else nprobe)
         else:
             slots, mask = self._exact(q, topk, self._scope, list(range(q.shape[0])))
-        rows = self._scope[:, None, None].expand_as(slots)
-        key_values = self._storage[rows, slots] * mask[..., None, None]  # (b, m, topk, 2, d)
+        flat = (self._scope[:, None, None] * (self.max_memories + 1) + slots).flatten()
+        # index_select of (key, value) rows: several times faster than storage[rows, slots] on CPU
+        key_values = self._storage.view(-1, 2, self.dim).index_select(0, flat).view(*slots.shape, 2, self.dim)
+        key_values = key_values * mask[..., None, None]  # (b, m, topk, 2, d)
         out_device = queries.device
         key_values = key_values.reshape(*lead, topk, 2, self.dim).to(out_device)
         mask = mask.reshape(*lead, topk).to(out_device)
