@@ -1,8 +1,9 @@
 """KNN memory: keys and values seen earlier, retrieved by nearest-neighbour search (Wu et al. 2022, arXiv 2203.08913).
 
 :class:`KNNMemory` keeps the API of ``memorizing-transformers-pytorch`` 0.4.1 (``add``, ``search``, ``clear``,
-``at_batch_indices``) on torch tensors: one ring buffer per index (batch row), exact inner-product search by
-batched matmul and a running top-k, and an optional approximate Faiss backend for very large memories.
+``at_batch_indices``) on torch tensors: one ring buffer per index (batch row), exact inner-product search
+(:func:`exact_search`: on CPU, bf16 candidate scores certified and rescored in fp32), and two approximate
+backends: an inverted-file index on torch tensors (:class:`IVFIndex`) and Faiss.
 """
 
 from __future__ import annotations
@@ -334,9 +335,10 @@ class KNNMemory:
     r"""Per-row memories of ``(key, value)`` pairs with top-k inner-product search, as memorizing-transformers-pytorch.
 
     Each of ``num_indices`` indices (one per batch row) is a ring buffer of ``max_memories`` pairs: when it is
-    full, :meth:`add` overwrites the oldest pairs, never more. Search is exact by default (batched matmul and
-    top-k over chunks of ``chunk_size`` memories; any device, no host copies) and returns, per query, the
-    ``topk`` memories of highest ``<query, key>`` in its row's index, best first, ties to the lower buffer slot.
+    full, :meth:`add` overwrites the oldest pairs, never more. Search is exact by default (:func:`exact_search`;
+    any device, no host copies) and returns, per query, the ``topk`` memories of highest ``<query, key>`` in its
+    row's index, best first, ties to the lower buffer slot. On a CPU with bf16 matmul the memory keeps a bf16
+    copy of its keys (``dim * 2`` bytes per slot) for the search's candidate scores.
 
     Args:
         dim: width of keys, values and queries.
@@ -357,8 +359,10 @@ class KNNMemory:
             the exact backend. Until an index holds ``faiss_train_size`` memories it is searched exactly; it is
             then trained on the keys it holds (centroids are kept across :meth:`clear`). Approximate; ties
             follow Faiss. Needs ``pip install faiss-cpu`` (the ``faiss`` extra).
-        chunk_size: memories scored at once by the exact search; its scores take ``rows * queries *
-            chunk_size * 4`` bytes. Default ``None``: as many as keep that under 32 MiB.
+        chunk_size: memories scored at once by the exact search's grouped path (given, it is taken on every
+            device); its scores take ``rows * queries * chunk_size * 4`` bytes. Default ``None``: on CPU float32
+            the candidate paths (``SEARCH_CHUNK`` memories, at most ``SEARCH_BUDGET`` scores at once), elsewhere
+            as many as keep the scores under 32 MiB.
         faiss_nlist: inverted lists of each Faiss index (default ``sqrt(max_memories)``, at least 1).
         faiss_nprobe: lists searched per query (default ``faiss_nlist // 4``, at least 1: recall 0.80 on
             256,000 random unit keys of 64 dims, where IVF is at its worst; clustered keys do better).
@@ -511,10 +515,21 @@ class KNNMemory:
     # -- writing ----------------------------------------------------------------------------------------------
 
     def clear(self, batch_indices: Union[int, Sequence[int], None] = None) -> None:
-        """Empty the given indices (default: all of them); the others keep their memories."""
+        """Empty the given indices (default: all of them); the others keep their memories.
+
+        ``batch_indices``: an int, ints, an integer tensor of indices, or a bool tensor of shape
+        ``(num_indices,)``, True for the indices to empty (a mask, not the indices 1 and 0).
+        """
         if batch_indices is None:
             batch_indices = range(self.num_indices)
+        elif isinstance(batch_indices, Tensor) and batch_indices.dtype == torch.bool:
+            if batch_indices.shape != (self.num_indices,):
+                raise ValueError(f"a bool batch_indices is a mask of shape (num_indices={self.num_indices},), got "
+                                 f"shape {tuple(batch_indices.shape)}")
+            batch_indices = batch_indices.nonzero().flatten().tolist()
         elif isinstance(batch_indices, Tensor):
+            if batch_indices.is_floating_point() or batch_indices.is_complex():
+                raise TypeError(f"batch_indices must be ints or a bool mask, got a {batch_indices.dtype} tensor")
             batch_indices = batch_indices.flatten().tolist()
         elif isinstance(batch_indices, int):
             batch_indices = [batch_indices]
@@ -619,6 +634,10 @@ class KNNMemory:
             slots, mask = self._ivf_search(q, topk, self.ivf_nprobe if nprobe is None else nprobe)
         else:
             slots, mask = self._exact(q, topk, self._scope, list(range(q.shape[0])))
+        # a slot past its index's count holds no live memory, whatever the scores said (a NaN query ranks
+        # every slot alike): never returned as valid
+        mask = mask & (slots < self.count[self._scope][:, None, None])
+        slots = slots.masked_fill(~mask, 0)
         flat = (self._scope[:, None, None] * (self.max_memories + 1) + slots).flatten()
         # index_select of (key, value) rows: several times faster than storage[rows, slots] on CPU
         key_values = self._storage.view(-1, 2, self.dim).index_select(0, flat).view(*slots.shape, 2, self.dim)

@@ -207,13 +207,18 @@ class TransformerLM(nn.Module):
         """One :class:`KNNMemory` per KNN layer (block order), ``batch_size`` indices of ``max_memories`` each.
 
         ``memory_kwargs`` go to every :class:`KNNMemory` (``backend``, ``chunk_size``, ``dtype``, ...); the
-        device defaults to the model's.
+        device defaults to the model's. ``memmap_filename=path`` with several KNN layers maps one file per
+        layer, ``f"{path}.layer{n}"`` for block ``n`` (one file would hold every layer's writes).
         """
         check_positive_int("batch_size", batch_size)
         memory_kwargs.setdefault("device", self.token_emb.weight.device)
+        files = [memory_kwargs.pop("memmap_filename", None)] * len(self.knn_layers)
+        if files and files[0] is not None and len(files) > 1:  # one file per layer: a shared one overwrites
+            files = [f"{files[0]}.layer{layer}" for layer in self.knn_layers]
         return KNNMemoryList(
-            KNNMemory(self.blocks[layer - 1].attn.dim_head, max_memories, batch_size, **memory_kwargs)
-            for layer in self.knn_layers
+            KNNMemory(self.blocks[layer - 1].attn.dim_head, max_memories, batch_size, memmap_filename=file,
+                      **memory_kwargs)
+            for layer, file in zip(self.knn_layers, files)
         )
 
     def _check_memories(self, tokens: Tensor, knn_memories) -> None:
@@ -246,11 +251,13 @@ class TransformerLM(nn.Module):
         """Tokens ``(..., seq)`` -> next-token logits ``(..., seq, num_tokens)``.
 
         With KNN layers, ``knn_memories`` (from :meth:`create_knn_memories`) is required; the segment's keys
-        and values are added to it after the forward unless ``add_knn_memory=False``.
+        and values are added to it after the forward unless ``add_knn_memory=False``. That call only reads:
+        it changes nothing in the memories, so rows holding ``clear_memories_on_sos_token_id`` are cleared
+        only by writing calls (before their forward).
         """
         self._check_memories(tokens, knn_memories)
         write_mask = None
-        if self.knn_layers and self.clear_memories_on_sos_token_id is not None:
+        if self.knn_layers and self.clear_memories_on_sos_token_id is not None and add_knn_memory:
             self._clear_rows(knn_memories, tokens)
             write_mask = _since_last_token(tokens, self.clear_memories_on_sos_token_id)
         return self._forward(tokens, knn_memories, write_mask if add_knn_memory else False)

@@ -454,3 +454,30 @@ def test_ivf_state_round_trip_and_bad_arguments(tmp_path):
         KNNMemory(8, max_memories=10, backend="ivf", ivf_nlist=11)
     with pytest.raises(ValueError, match="ivf_nprobe"):
         KNNMemory(8, max_memories=10, backend="ivf", ivf_nprobe=0)
+
+
+def test_clear_takes_a_bool_mask_as_a_mask():
+    memory = KNNMemory(4, max_memories=8, num_indices=3)
+    memory.add(torch.randn(3, 5, 2, 4))
+    memory.clear(torch.tensor([True, False, False]))
+    assert memory.count.tolist() == [0, 5, 5], "True clears that row; False is not index 0"
+    with pytest.raises(ValueError, match="mask of shape"):
+        memory.clear(torch.tensor([True, False]))
+    with pytest.raises(TypeError, match="ints or a bool mask"):
+        memory.clear(torch.tensor([0.0]))
+
+
+@pytest.mark.parametrize("backend, chunk_size", [("exact", None), ("exact", 16), ("ivf", None)])
+def test_nan_query_never_returns_a_dead_slot_as_valid(backend, chunk_size):
+    memory = KNNMemory(4, max_memories=64, num_indices=2, backend=backend, ivf_nlist=2, ivf_train_size=8,
+                       chunk_size=chunk_size)  # chunk_size: the grouped search (as on CUDA)
+    memory.add(torch.randn(2, 40, 2, 4))
+    memory.clear([0])
+    memory.add(torch.randn(2, 3, 2, 4))  # row 0: 3 live memories; slots 3.. hold the cleared document
+    queries = torch.randn(2, 5, 4)
+    queries[0, 1] = float("nan")
+    queries[1, 2, 0] = float("inf")
+    _, mask, slots = memory.search(queries, 8, return_slots=True)
+    live = slots < memory.count[:, None, None]
+    assert not (mask & ~live).any(), "a valid result is a live memory"
+    assert mask[0].sum(-1).le(3).all()

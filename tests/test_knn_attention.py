@@ -256,3 +256,29 @@ def test_knn_model_on_cuda_equals_cpu_and_syncs_no_host():
             assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
     assert torch.equal(gpu_mem[0].count.cpu(), cpu_mem[0].count)
     assert_close(gpu_mem[0].buffer.cpu(), cpu_mem[0].buffer, atol=1e-5, rtol=1e-5)
+
+
+def test_read_only_call_with_sos_token_changes_no_memory():
+    model = knn_lm(clear_memories_on_sos_token_id=1)
+    memories = model.create_knn_memories(2, max_memories=64)
+    model(torch.randint(2, 16, (2, 8)), memories)
+    before = [m.state_dict() for m in memories]
+    segment = torch.randint(2, 16, (2, 8))
+    segment[1, 5] = 1
+    model(segment, memories, add_knn_memory=False)
+    for memory, state in zip(memories, before):
+        assert memory.count.tolist() == state["count"].tolist() == [8, 8], "a read-only call clears nothing"
+        assert torch.equal(memory.buffer, state["buffer"]) and torch.equal(memory.write_pos, state["write_pos"])
+
+
+def test_memmap_memories_get_one_file_per_layer_and_match_in_memory(tmp_path):
+    torch.manual_seed(0)
+    model = TransformerLM(32, 16, 3, 8, knn_layers=(1, 3), pkm_layers=(), heads=2, dim_head=8)
+    in_memory = model.create_knn_memories(2, max_memories=64)
+    mapped = model.create_knn_memories(2, max_memories=64, memmap_filename=str(tmp_path / "knn.memmap"))
+    for _ in range(3):
+        tokens = torch.randint(0, 32, (2, 8))
+        assert_close(model(tokens, mapped), model(tokens, in_memory))
+    for a, b in zip(mapped, in_memory):
+        assert torch.equal(a.buffer, b.buffer), "each layer's memories its own"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["knn.memmap.layer1", "knn.memmap.layer3"]
