@@ -222,16 +222,27 @@ def main(argv=None):
           f"batch {BATCH}, {HEADS} heads of {DIM_HEAD}, depth {args.depth}, memory layer {args.layer}, top {TOPK}",
           flush=True)
     rows = []
+    meta = dict(torch=torch.__version__, machine=platform.machine(), cpu=cpu_name(), quick=args.quick,
+                depth=args.depth, layer=args.layer, argv=sys.argv[1:] if argv is None else argv)
     for memories in args.sizes:
         for dim in args.dims:
             for threads in args.threads:
                 rows += measure(dim, memories, threads, args, peer_cls)
                 print("\n".join(table(rows).splitlines()[-len(args.ours):]), flush=True)
+                if args.out:  # after every configuration: a long run stopped early keeps what it measured
+                    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                    meta["loadavg_after"] = os.getloadavg()
+                    Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(table(rows))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(dict(torch=torch.__version__, quick=args.quick, rows=rows), indent=1))
     return rows
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
 
 
 if __name__ == "__main__":
