@@ -161,7 +161,7 @@ def _exact_search_candidates(
     q = queries.float()
     low = (keys_bf16 if keys_bf16 is not None else keys.bfloat16()) if bf16 else keys
     if rows is not None:
-        low = low[rows]  # (b, s, d); the fp32 keys are read by index below, not copied
+        low = low[rows]  # (b, s, d), the rows in scope (copied); rescoring reads the fp32 keys in place
     row_ids = torch.arange(b) if rows is None else rows
     c = min(SEARCH_CHUNK, -(-s // g) * g)  # a multiple of g
     step = max(1, min(m, SEARCH_BUDGET // max(1, b * c)))  # queries per block
