@@ -368,7 +368,7 @@ class KNNMemory:
             256,000 random unit keys of 64 dims, where IVF is at its worst; clustered keys do better).
         faiss_train_size: memories an index must hold before it is trained (default ``39 * faiss_nlist``).
         ivf_nlist: lists of each IVF index (default ``sqrt(max_memories) / 2``, at least 1).
-        ivf_nprobe: lists probed per query (default ``ivf_nlist // 8``, at least 1).
+        ivf_nprobe: lists probed per query (default ``ivf_nlist // 4``, at least 1).
         ivf_train_size: memories an index must hold before its first centroids (default ``16 * ivf_nlist``).
         device, dtype: of the buffer (default CPU, float32). Added memories are cast to ``dtype``; queries are
             cast to it for the search.
@@ -418,7 +418,7 @@ class KNNMemory:
             ivf_nlist = max(1, min(max_memories, round(math.sqrt(max_memories) / 2)))
         check_positive_int("ivf_nlist", ivf_nlist)
         if ivf_nprobe is None:
-            ivf_nprobe = max(1, ivf_nlist // 8)
+            ivf_nprobe = max(1, ivf_nlist // 4)
         check_positive_int("ivf_nprobe", ivf_nprobe)
         if ivf_train_size is None:
             ivf_train_size = min(max_memories, 16 * ivf_nlist)
