@@ -307,8 +307,10 @@ class TransformerLM(nn.Module):
 
         With KNN layers, ``knn_memories`` is required and is taken to hold the document before ``prompt``:
         sampling reads it, and each token is written to it when it slides out of the last ``seq_len``
-        tokens (the context), so nothing is stored twice. The clear-on-sos rule applies to the prompt and
-        to each new token.
+        tokens (the context), so nothing is stored twice. A prompt longer than ``seq_len`` is first read as a
+        document would be: the tokens before its last ``seq_len`` go through the model ``seq_len`` at a time
+        and are written to the memories (the clear-on-sos rule as in :meth:`forward`). The clear-on-sos rule
+        applies to the context and to each new token.
         """
         if prompt.dim() != 2 or prompt.shape[1] == 0:
             raise ValueError(f"prompt must be a (batch, n >= 1) tensor of tokens, got shape {tuple(prompt.shape)}")
@@ -330,6 +332,11 @@ class TransformerLM(nn.Module):
         graphed = None
         try:
             out, new = prompt, prompt
+            if self.knn_layers and prompt.shape[1] > self.seq_len:
+                head = prompt[:, :prompt.shape[1] - self.seq_len]  # never in a context: read it segment-wise
+                for start in range(0, head.shape[1], self.seq_len):
+                    self(head[:, start:start + self.seq_len], knn_memories)
+                new = prompt[:, -self.seq_len:]
             for _ in range(num_new_tokens):
                 context = out[:, -self.seq_len:]
                 write_mask = False
