@@ -351,12 +351,14 @@ class KNNMemory:
 
     Keyword-only args:
         backend: ``"exact"`` (default, every size and device): :func:`exact_search`. ``"ivf"`` (opt-in): an
-            :class:`IVFIndex` per memory, approximate, on torch tensors: until an index holds
-            ``ivf_train_size`` memories it is searched exactly; its centroids are then learned, relearned each
-            time the memories written to it since double (while it fills) or reach ``max_memories`` (once
-            full), and kept across :meth:`clear`. ``"faiss"``: per index a Faiss ``IndexIVFFlat`` (inner product) over
-            the keys, ids = buffer slots, overwritten slots removed before re-adding, so eviction is FIFO as in
-            the exact backend. Until an index holds ``faiss_train_size`` memories it is searched exactly; it is
+            :class:`IVFIndex` per memory, approximate, on torch tensors: until an index has had
+            ``ivf_train_size`` memories written since its last :meth:`clear` it is searched exactly; its
+            centroids are then learned from its live keys, and learned again whenever the count written since
+            the clear doubles (while ``< max_memories``) or grows by ``max_memories`` (the memories have turned
+            over); :meth:`clear` keeps them (a relearning starts from them). Reads list sizes to the host once
+            per search and row, and counts once per :meth:`add` (syncs on CUDA). ``"faiss"``: per index a Faiss
+            ``IndexIVFFlat`` (inner product) over the keys, ids = buffer slots, overwritten slots removed before
+            re-adding, so eviction is FIFO as in the exact backend. Until an index holds ``faiss_train_size`` memories it is searched exactly; it is
             then trained on the keys it holds (centroids are kept across :meth:`clear`). Approximate; ties
             follow Faiss. Needs ``pip install faiss-cpu`` (the ``faiss`` extra).
         chunk_size: memories scored at once by the exact search's grouped path (given, it is taken on every
