@@ -351,11 +351,12 @@ class KNNMemory:
 
     Keyword-only args:
         backend: ``"exact"`` (default, every size and device): :func:`exact_search`. ``"ivf"`` (opt-in): an
-            :class:`IVFIndex` per memory, approximate, on torch tensors: until an index has had
-            ``ivf_train_size`` memories written since its last :meth:`clear` it is searched exactly; its
-            centroids are then learned from its live keys, and learned again whenever the count written since
-            the clear doubles (while ``< max_memories``) or grows by ``max_memories`` (the memories have turned
-            over); :meth:`clear` keeps them (a relearning starts from them). Reads list sizes to the host once
+            :class:`IVFIndex` per memory, approximate, on torch tensors: an index is searched exactly until
+            ``ivf_train_size`` memories have been written to it; its centroids are then learned from its live
+            keys, and learned again whenever the count written since its last :meth:`clear` reaches
+            ``ivf_train_size``, then doubles (while ``< max_memories``), then grows by ``max_memories`` (the
+            memories have turned over). :meth:`clear` keeps the centroids: the next document is filed in
+            them until they are learned again. Reads list sizes to the host once
             per search and row, and counts once per :meth:`add` (syncs on CUDA). ``"faiss"``: per index a Faiss
             ``IndexIVFFlat`` (inner product) over the keys, ids = buffer slots, overwritten slots removed before
             re-adding, so eviction is FIFO as in the exact backend. Until an index holds ``faiss_train_size`` memories it is searched exactly; it is
