@@ -338,7 +338,8 @@ class KNNMemory:
     full, :meth:`add` overwrites the oldest pairs, never more. Search is exact by default (:func:`exact_search`;
     any device, no host copies) and returns, per query, the ``topk`` memories of highest ``<query, key>`` in its
     row's index, best first, ties to the lower buffer slot. On a CPU with bf16 matmul the memory keeps a bf16
-    copy of its keys (``dim * 2`` bytes per slot) for the search's candidate scores.
+    copy of its keys (``dim * 2`` bytes per slot) for the search's candidate scores, written by :meth:`add`
+    and :meth:`load_state_dict` (keys written into :attr:`buffer` directly are not copied there).
 
     Args:
         dim: width of keys, values and queries.
