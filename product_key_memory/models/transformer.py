@@ -208,13 +208,18 @@ class TransformerLM(nn.Module):
         """One :class:`KNNMemory` per KNN layer (block order), ``batch_size`` indices of ``max_memories`` each.
 
         ``memory_kwargs`` go to every :class:`KNNMemory` (``backend``, ``chunk_size``, ``dtype``, ...); the
-        device defaults to the model's.
+        device defaults to the model's. ``memmap_filename=path`` with several KNN layers maps one file per
+        layer, ``f"{path}.layer{n}"`` for block ``n`` (one file would hold every layer's writes).
         """
         check_positive_int("batch_size", batch_size)
         memory_kwargs.setdefault("device", self.token_emb.weight.device)
+        files = [memory_kwargs.pop("memmap_filename", None)] * len(self.knn_layers)
+        if files and files[0] is not None and len(files) > 1:  # one file per layer: a shared one overwrites
+            files = [f"{files[0]}.layer{layer}" for layer in self.knn_layers]
         return KNNMemoryList(
-            KNNMemory(self.blocks[layer - 1].attn.dim_head, max_memories, batch_size, **memory_kwargs)
-            for layer in self.knn_layers
+            KNNMemory(self.blocks[layer - 1].attn.dim_head, max_memories, batch_size, memmap_filename=file,
+                      **memory_kwargs)
+            for layer, file in zip(self.knn_layers, files)
         )
 
     def _check_memories(self, tokens: Tensor, knn_memories) -> None:
@@ -247,11 +252,13 @@ class TransformerLM(nn.Module):
         """Tokens ``(..., seq)`` -> next-token logits ``(..., seq, num_tokens)``.
 
         With KNN layers, ``knn_memories`` (from :meth:`create_knn_memories`) is required; the segment's keys
-        and values are added to it after the forward unless ``add_knn_memory=False``.
+        and values are added to it after the forward unless ``add_knn_memory=False``. That call only reads:
+        it changes nothing in the memories, so rows holding ``clear_memories_on_sos_token_id`` are cleared
+        only by writing calls (before their forward).
         """
         self._check_memories(tokens, knn_memories)
         write_mask = None
-        if self.knn_layers and self.clear_memories_on_sos_token_id is not None:
+        if self.knn_layers and self.clear_memories_on_sos_token_id is not None and add_knn_memory:
             self._clear_rows(knn_memories, tokens)
             write_mask = _since_last_token(tokens, self.clear_memories_on_sos_token_id)
         return self._forward(tokens, knn_memories, write_mask if add_knn_memory else False)
@@ -301,8 +308,10 @@ class TransformerLM(nn.Module):
 
         With KNN layers, ``knn_memories`` is required and is taken to hold the document before ``prompt``:
         sampling reads it, and each token is written to it when it slides out of the last ``seq_len``
-        tokens (the context), so nothing is stored twice. The clear-on-sos rule applies to the prompt and
-        to each new token.
+        tokens (the context), so nothing is stored twice. A prompt longer than ``seq_len`` is first read as a
+        document would be: the tokens before its last ``seq_len`` go through the model ``seq_len`` at a time
+        and are written to the memories (the clear-on-sos rule as in :meth:`forward`). The clear-on-sos rule
+        applies to the context and to each new token.
         """
         if prompt.dim() != 2 or prompt.shape[1] == 0:
             raise ValueError(f"prompt must be a (batch, n >= 1) tensor of tokens, got shape {tuple(prompt.shape)}")
@@ -324,6 +333,11 @@ class TransformerLM(nn.Module):
         graphed = None
         try:
             out, new = prompt, prompt
+            if self.knn_layers and prompt.shape[1] > self.seq_len:
+                head = prompt[:, :prompt.shape[1] - self.seq_len]  # never in a context: read it segment-wise
+                for start in range(0, head.shape[1], self.seq_len):
+                    self(head[:, start:start + self.seq_len], knn_memories)
+                new = prompt[:, -self.seq_len:]
             for _ in range(num_new_tokens):
                 context = out[:, -self.seq_len:]
                 write_mask = False

@@ -256,3 +256,51 @@ def test_knn_model_on_cuda_equals_cpu_and_syncs_no_host():
             assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
     assert torch.equal(gpu_mem[0].count.cpu(), cpu_mem[0].count)
     assert_close(gpu_mem[0].buffer.cpu(), cpu_mem[0].buffer, atol=1e-5, rtol=1e-5)
+
+
+def test_read_only_call_with_sos_token_changes_no_memory():
+    model = knn_lm(clear_memories_on_sos_token_id=1)
+    memories = model.create_knn_memories(2, max_memories=64)
+    model(torch.randint(2, 16, (2, 8)), memories)
+    before = [m.state_dict() for m in memories]
+    segment = torch.randint(2, 16, (2, 8))
+    segment[1, 5] = 1
+    model(segment, memories, add_knn_memory=False)
+    for memory, state in zip(memories, before):
+        assert memory.count.tolist() == state["count"].tolist() == [8, 8], "a read-only call clears nothing"
+        assert torch.equal(memory.buffer, state["buffer"]) and torch.equal(memory.write_pos, state["write_pos"])
+
+
+def test_memmap_memories_get_one_file_per_layer_and_match_in_memory(tmp_path):
+    torch.manual_seed(0)
+    model = TransformerLM(32, 16, 3, 8, knn_layers=(1, 3), pkm_layers=(), heads=2, dim_head=8)
+    in_memory = model.create_knn_memories(2, max_memories=64)
+    mapped = model.create_knn_memories(2, max_memories=64, memmap_filename=str(tmp_path / "knn.memmap"))
+    for _ in range(3):
+        tokens = torch.randint(0, 32, (2, 8))
+        assert_close(model(tokens, mapped), model(tokens, in_memory))
+    for a, b in zip(mapped, in_memory):
+        assert torch.equal(a.buffer, b.buffer), "each layer's memories its own"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["knn.memmap.layer1", "knn.memmap.layer3"]
+
+
+def test_generate_reads_a_prompt_longer_than_the_context_into_the_memories():
+    model = knn_lm(knn_layers=(1,), depth=2).eval()
+    a_mem, b_mem = model.create_knn_memories(1, max_memories=64), model.create_knn_memories(1, max_memories=64)
+    prompt = torch.randint(0, 16, (1, 20))  # seq_len 8: 12 tokens never fit in the first context
+    sample = model.generate(prompt, 4, temperature=0.0, knn_memories=a_mem)
+    out = prompt
+    with torch.no_grad():
+        model(prompt[:, :8], b_mem)  # read as a document, segment by segment
+        model(prompt[:, 8:12], b_mem)
+        for _ in range(4):
+            context = out[:, -8:]
+            logits = model(context, b_mem, add_knn_memory=False)[:, -1]
+            block = model.blocks[0]
+            x = model.token_emb(context) + model.pos_emb(torch.arange(8))
+            k, v = block.attn.to_kv(block.attn_norm(x)).chunk(2, dim=-1)
+            b_mem[0].add(torch.stack((F.normalize(k, dim=-1), v), dim=-2)[:, :1])  # the token leaving
+            out = torch.cat((out, logits.argmax(-1, keepdim=True)), -1)
+    assert a_mem[0].count.tolist() == [16], "the 12 tokens before the context, then one per step"
+    assert torch.equal(sample, out[:, 20:])
+    assert torch.equal(a_mem[0].buffer, b_mem[0].buffer)

@@ -5,6 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from product_key_memory import KNNMemory
+import product_key_memory.knn.memory as knn_module
 from product_key_memory.knn.memory import GROUP_SIZE, KNNMemoryList, exact_search
 
 
@@ -259,13 +260,14 @@ def test_exact_search_splits_the_queries_when_the_smallest_chunk_is_over_budget(
     import product_key_memory.knn.memory as knn
 
     monkeypatch.setattr(knn, "SCORE_BUDGET", 1 << 12)  # 2 rows * 10 queries * 1024 memories is over it
-    queries, keys = torch.randn(2, 10, 4), torch.randn(2, 1500, 4)
+    # float64: the grouped search (CPU float32 takes the candidate paths)
+    queries, keys = torch.randn(2, 10, 4, dtype=torch.float64), torch.randn(2, 1500, 4, dtype=torch.float64)
     keys[:, 700:710] = keys[:, 5:15]  # exact ties across chunk and query-split boundaries
     count = torch.tensor([1500, 900])
     calls = []
     real_bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append(a.shape[1]) or real_bmm(a, b))
-    scores, slots, mask = exact_search(queries, keys, count, 7)
+    scores, slots, mask = exact_search(queries, keys, count, 7, precision="fp32")
     ref_scores, ref_slots = stable_sort_topk(queries, keys, count, 7)
     assert max(calls) == 2, "every matmul scores at most 2 queries"
     assert torch.equal(slots, ref_slots) and mask.all()
@@ -331,3 +333,151 @@ def test_faiss_index_holds_exactly_the_live_memories_after_eviction():
     _, mask, slots = memory.search(queries, 6, 8, return_slots=True)  # nprobe = nlist
     ref, _ = brute_force(exact, queries, 6)
     assert mask.all() and torch.equal(slots, ref)
+
+
+needs_bf16 = pytest.mark.skipif(not knn_module.bf16_search_available(torch.device("cpu"), torch.float32, 16),
+                                reason="this CPU has no bf16 matmul (oneDNN)")
+
+
+def exact_grid(*shape, generator):
+    """Multiples of 2**-9 in [-1, 1): not all exact in bf16 (8 bits), and 16-dim inner products of them are
+    exact in fp32 (<= 24 bits) in any summation order, so fp32 brute force has one answer, ties included."""
+    return torch.randint(-512, 512, shape, generator=generator).float() / 512
+
+
+@pytest.mark.parametrize("precision", [pytest.param("bf16", marks=needs_bf16), "fp32"])
+@pytest.mark.parametrize("near_ties", [False, True])
+def test_candidate_paths_equal_fp32_brute_force(near_ties, precision, monkeypatch):
+    g = torch.Generator().manual_seed(int(near_ties))
+    queries, keys = exact_grid(2, 300, 16, generator=g), exact_grid(2, 5000, 16, generator=g)
+    if near_ties:
+        # 600 copies of 3 keys per row, apart by one step of 2**-9 in one coordinate: below bf16's resolution
+        # there, so the approximate scores cannot order them and the certificate must send them to fp32
+        base = keys[:, :3].repeat_interleave(200, 1)
+        base[..., 0] = (base[..., 0] + torch.arange(600) % 5 / 512).clamp(-1, 1 - 1 / 512)
+        keys[:, 1000:1600] = base
+    count = torch.tensor([5000, 3777])
+    calls = []
+    real = knn_module._exact_search_fp32
+    monkeypatch.setattr(knn_module, "_exact_search_fp32", lambda q, *a: calls.append(q.shape[1]) or real(q, *a))
+    scores, slots, mask = exact_search(queries, keys, count, 32, precision=precision)
+    ref_scores, ref_slots = stable_sort_topk(queries, keys, count, 32)
+    assert torch.equal(slots, ref_slots), "slots of fp32 brute force (ties to the lower slot)"
+    assert torch.equal(scores, ref_scores) and mask.all()
+    if near_ties:
+        assert calls, "near-ties within the bound (and exact ties) reached the grouped search"
+
+
+@pytest.mark.parametrize("precision", [pytest.param("bf16", marks=needs_bf16), "fp32"])
+def test_candidate_paths_hold_their_score_budget_and_counts(precision, monkeypatch):
+    monkeypatch.setattr(knn_module, "SEARCH_CHUNK", 64)
+    monkeypatch.setattr(knn_module, "SEARCH_BUDGET", 2 * 10 * 64)  # 2 rows * 10 queries * 64 memories
+    g = torch.Generator().manual_seed(2)
+    queries, keys = exact_grid(2, 37, 16, generator=g), exact_grid(2, 203, 16, generator=g)
+    count = torch.tensor([203, 61])  # cuts a group, a chunk and the last padded chunk
+    sizes = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b, out=None: sizes.append(a.shape[1] * b.shape[2])
+                        or real_bmm(a, b, out=out))
+    for topk in (1, 32, 70):  # 70 > count of row 1
+        scores, slots, mask = exact_search(queries, keys, count, topk, precision=precision)
+        ref_scores, ref_slots = stable_sort_topk(queries, keys, count, topk)
+        assert torch.equal(mask, (torch.arange(topk) < count[:, None, None]).expand(2, 37, topk))
+        assert torch.equal(slots, ref_slots) and torch.equal(scores[mask], ref_scores[mask]), f"topk={topk}"
+    assert max(sizes) <= 10 * 64, "no bf16 score block over the budget"
+
+
+def test_bad_precision_names_itself():
+    with pytest.raises(ValueError, match="precision must be"):
+        exact_search(torch.randn(1, 2, 4), torch.randn(1, 3, 4), torch.tensor([3]), 1, precision="half")
+
+
+def clustered(n, generator, rows=2, dim=32, centers=None):
+    """Unit keys around 64 unit centres (noise 0.5 in norm): where an inverted file has lists to find."""
+    if centers is None:
+        centers = torch.nn.functional.normalize(torch.randn(64, dim, generator=generator), dim=-1)
+    picks = centers[torch.randint(0, 64, (rows, n), generator=generator)]
+    noise = 0.5 * torch.nn.functional.normalize(torch.randn(rows, n, dim, generator=generator), dim=-1)
+    return torch.nn.functional.normalize(picks + noise, dim=-1), centers
+
+
+def test_ivf_lists_hold_exactly_the_live_memories_through_fifo_turnover():
+    g = torch.Generator().manual_seed(0)
+    memory = KNNMemory(32, max_memories=2000, num_indices=2, backend="ivf", ivf_nlist=16, ivf_train_size=600)
+    _, centers = clustered(1, g)
+    for step in range(14):  # 7,000 memories per row: the ring turns over three times; relearned on the way
+        keys, _ = clustered(500, g, centers=centers)
+        memory.add(torch.stack((keys, keys), 2))
+        if step == 0:
+            assert not any(memory._ivf.trained), "below ivf_train_size: no centroids yet"
+        for i in range(2):
+            count = int(memory.count[i])
+            if memory._ivf.trained[i]:
+                ivf = memory._ivf
+                filed = ivf.list_of[i, :count]
+                expected = ivf._nearest(memory.buffer[i, :count, 0], ivf.centroids[i])
+                assert torch.equal(filed, expected), f"step {step}, row {i}: each live slot in its nearest list"
+    assert memory._next_train[0] > 7000, "relearned as the memories turned over"
+
+
+@pytest.mark.parametrize("nprobe", [None, 16])
+def test_ivf_recall_against_exact_search(nprobe):
+    g = torch.Generator().manual_seed(1)
+    keys, centers = clustered(6000, g)
+    kwargs = dict(ivf_nprobe=nprobe) if nprobe else {}
+    ivf = KNNMemory(32, max_memories=6000, num_indices=2, backend="ivf", ivf_nlist=16, **kwargs)
+    exact = KNNMemory(32, max_memories=6000, num_indices=2)
+    for memory in (ivf, exact):
+        memory.add(torch.stack((keys, keys), 2))
+    queries, _ = clustered(300, g, centers=centers)
+    _, mask, slots = ivf.search(queries, 32, return_slots=True)
+    _, _, truth = exact.search(queries, 32, return_slots=True)
+    recall = ((slots[..., :, None] == truth[..., None, :]).any(-1) & mask).float().mean().item()
+    if nprobe == 16:  # every list probed: ranked by bf16 scores, so each pick is within 2E of the exact 32nd
+        got = torch.einsum("bmd,bmkd->bmk", queries, torch.stack([keys[i][slots[i]] for i in range(2)]))
+        kth = torch.einsum("bmd,bmkd->bmk", queries, torch.stack([keys[i][truth[i]] for i in range(2)]))[..., -1:]
+        assert mask.all() and (got >= kth - 2 * knn_module.BF16_EPS * (1 + knn_module.BF16_EPS)).all()
+    else:
+        assert recall >= 0.9, f"recall@32 {recall:.3f} with the default nprobe"
+
+
+def test_ivf_state_round_trip_and_bad_arguments(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    keys, centers = clustered(3000, g)
+    memory = KNNMemory(32, max_memories=3000, num_indices=2, backend="ivf", ivf_nlist=16)
+    memory.add(torch.stack((keys, keys), 2))
+    queries, _ = clustered(50, g, centers=centers)
+    again = KNNMemory(32, max_memories=3000, num_indices=2, backend="ivf", ivf_nlist=16)
+    again.load_state_dict(memory.state_dict())
+    assert torch.equal(again.search(queries, 8, return_slots=True)[2], memory.search(queries, 8, return_slots=True)[2])
+    with pytest.raises(ValueError, match="ivf_nlist must be <= max_memories"):
+        KNNMemory(8, max_memories=10, backend="ivf", ivf_nlist=11)
+    with pytest.raises(ValueError, match="ivf_nprobe"):
+        KNNMemory(8, max_memories=10, backend="ivf", ivf_nprobe=0)
+
+
+def test_clear_takes_a_bool_mask_as_a_mask():
+    memory = KNNMemory(4, max_memories=8, num_indices=3)
+    memory.add(torch.randn(3, 5, 2, 4))
+    memory.clear(torch.tensor([True, False, False]))
+    assert memory.count.tolist() == [0, 5, 5], "True clears that row; False is not index 0"
+    with pytest.raises(ValueError, match="mask of shape"):
+        memory.clear(torch.tensor([True, False]))
+    with pytest.raises(TypeError, match="ints or a bool mask"):
+        memory.clear(torch.tensor([0.0]))
+
+
+@pytest.mark.parametrize("backend, chunk_size", [("exact", None), ("exact", 16), ("ivf", None)])
+def test_nan_query_never_returns_a_dead_slot_as_valid(backend, chunk_size):
+    memory = KNNMemory(4, max_memories=64, num_indices=2, backend=backend, ivf_nlist=2, ivf_train_size=8,
+                       chunk_size=chunk_size)  # chunk_size: the grouped search (as on CUDA)
+    memory.add(torch.randn(2, 40, 2, 4))
+    memory.clear([0])
+    memory.add(torch.randn(2, 3, 2, 4))  # row 0: 3 live memories; slots 3.. hold the cleared document
+    queries = torch.randn(2, 5, 4)
+    queries[0, 1] = float("nan")
+    queries[1, 2, 0] = float("inf")
+    _, mask, slots = memory.search(queries, 8, return_slots=True)
+    live = slots < memory.count[:, None, None]
+    assert not (mask & ~live).any(), "a valid result is a live memory"
+    assert mask[0].sum(-1).le(3).all()
