@@ -202,18 +202,19 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke test: 1,024 memories, dim 64, 1 thread, 1 repeat")
-    p.add_argument("--sizes", type=int, nargs="+", default=[16_000, 64_000])
-    p.add_argument("--dims", type=int, nargs="+", default=[256, 512])
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--sizes", type=int, nargs="+", default=[16_000, 64_000], help="memories per index (full)")
+    p.add_argument("--dims", type=int, nargs="+", default=[256, 512], help="model widths")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per library (median kept)")
-    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--depth", type=int, default=4, help="transformer blocks")
     p.add_argument("--layer", type=int, default=3, help="the memory layer (1-based)")
-    p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--no-peer", action="store_true", help="time this library only")
     p.add_argument("--ours", nargs="+", default=["default"],
                    help="our memories to measure: 'default' (the defaults), 'exact', 'ivf', 'ivf:ivf_nprobe=16', ...")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_knn_lm.json"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_knn_lm.json"), help="JSON results")
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.dims, args.threads, args.repeats, args.depth, args.layer = [1024], [64], [1], 1, 2, 2

@@ -22,14 +22,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from product_key_memory.knn import _exact_search_fp32, exact_search  # noqa: E402
+from product_key_memory.knn.memory import _exact_search_fp32, exact_search  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[16_000, 64_000])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=5)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[16_000, 64_000], help="memories per index")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds, alternating (median kept)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {torch.backends.cpu.get_cpu_capability()}")
