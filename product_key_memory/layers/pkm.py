@@ -234,13 +234,6 @@ class PKM(nn.Module):
 
     # -- 0.3.0's names, reaching the pieces in their parts ----------------------------------------
 
-    def __getattr__(self, name: str):
-        if name in _PIECES:
-            return getattr(super().__getattr__(_PIECES[name]), name)
-        if name == "keys":
-            return super().__getattr__("product_keys").keys
-        return super().__getattr__(name)
-
     def __setattr__(self, name: str, value) -> None:
         part = _PIECES.get(name)
         if part is not None and part in self._modules:  # pkm.to_queries = lora(...) replaces the piece it names
@@ -249,6 +242,20 @@ class PKM(nn.Module):
             self._modules["product_keys"].keys = value
         else:
             super().__setattr__(name, value)
+
+    # 0.3.0's names of the pieces, read from the parts that hold them (properties, not a __getattr__:
+    # no extra call on every attribute of the forward)
+    keys = property(lambda self: self.product_keys.keys)
+    pre_layernorm = property(lambda self: self.query.pre_layernorm)
+    input_dropout = property(lambda self: self.query.input_dropout)
+    query_hidden = property(lambda self: self.query.query_hidden)
+    to_queries = property(lambda self: self.query.to_queries)
+    norm = property(lambda self: self.query.norm)
+    query_dropout = property(lambda self: self.query.query_dropout)
+    combine = property(lambda self: self.output.combine)
+    value_proj = property(lambda self: self.output.value_proj)
+    value_dropout = property(lambda self: self.output.value_dropout)
+    output_norm = property(lambda self: self.output.output_norm)
 
     # sizes and options, read from the parts that hold them
     heads = property(lambda self: self.product_keys.heads)

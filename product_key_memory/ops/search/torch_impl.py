@@ -82,7 +82,7 @@ def search_heads_first(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor
         (v1, v2), (i1, i2), (a, b) = v.unbind(0), i.unbind(0), ab.unbind(0)  # unbind, not iteration: one call each
         cand = v1.gather(-1, a).add_(v2.gather(-1, b))  # (H, N, P)
         cand_slots = i1.gather(-1, a).mul_(num_keys).add_(i2.gather(-1, b))
-    return topk_lower_index(cand, topk, cand_slots)
+    return topk_lower_index(cand, topk, cand_slots, index_bound=num_keys * num_keys)
 
 
 _FEW_ROWS = 32  # heads * tokens up to which the search builds candidates in one gather per tensor

@@ -30,7 +30,7 @@ __all__ = ["topk_lower_index"]
 
 
 def topk_lower_index(
-    x: Tensor, k: int, index: Optional[Tensor] = None, *, wide: bool = False
+    x: Tensor, k: int, index: Optional[Tensor] = None, *, wide: bool = False, index_bound: Optional[int] = None
 ) -> Tuple[Tensor, Tensor]:
     """``x.topk(k)`` along the last dim, best first, where equal values go to the lower index.
 
@@ -42,6 +42,9 @@ def topk_lower_index(
             slots do: ``num_keys <= 65536``); eager calls take any int64.
         wide: the answer may hold ``k + 1`` columns (the first ``k`` are the answer), saving two
             slices for a caller that reads only the first ``k``.
+        index_bound: a bound the caller guarantees, ``0 <= index < index_bound`` (a search's
+            ``num_keys ** 2``); at most ``2 ** 32`` it spares the check of ``index``'s range (a read
+            back to the host).
 
     Returns:
         ``values, indices``, both ``(..., k)`` (or ``k + 1`` with ``wide``). ``values`` carry a
@@ -55,7 +58,9 @@ def topk_lower_index(
         # no data-dependent branch in a graph, and positions made here: the cached ones are built
         # outside inference mode, which tracing cannot follow
         return topk_keyed(x, k, torch.arange(x.shape[-1], device=x.device) if index is None else index)
-    if index is not None and index.numel() > 0 and not _fits_32_bits(index):
+    if index is not None and index.numel() > 0 and not (index_bound is not None and index_bound <= 2**32) and (
+        not _fits_32_bits(index)
+    ):
         return reference.topk_lower_index(x, k, index)
     if x.dtype == torch.float32 and x.device.type == "cpu" and k < x.shape[-1] and x.numel() > 0:
         return topk_distinct_first(x, k, index, wide)
