@@ -137,7 +137,9 @@ def _exact_search_fp32(
         cand = cand.to(torch.promote_types(cand.dtype, torch.float32))  # the codes of topk_lower_index: >= fp32
         cand = cand.masked_fill((pos >= c) | (pos + start >= count), float("-inf"))
         merged = torch.cat((best, cand), -1)
-        best, best_slots = topk_lower_index(merged, min(topk, merged.shape[-1]), torch.cat((best_slots, pos + start), -1))
+        best, best_slots = topk_lower_index(  # slots are positions in keys: no range check (no host sync)
+            merged, min(topk, merged.shape[-1]), torch.cat((best_slots, pos + start), -1), index_bound=keys.shape[1]
+        )
     if best.shape[-1] < topk:  # fewer keys than topk in all
         fill = topk - best.shape[-1]
         best = torch.cat((best, best.new_full((b, m, fill), float("-inf"))), -1)
@@ -219,7 +221,7 @@ def _exact_search_candidates(
         if n < topk:
             exact = torch.cat((exact, exact.new_full((b, mq, topk - n), float("-inf"))), -1)
             slot = torch.cat((slot, slot.new_zeros((b, mq, topk - n))), -1)
-        best, best_slot = topk_lower_index(exact, topk, slot)
+        best, best_slot = topk_lower_index(exact, topk, slot, index_bound=max(1, s))  # slot < s
         ok = (dropped + bound[:, q0:q0 + step] < best[..., -1]) | (dropped == float("-inf"))
         scores_out[:, q0:q0 + mq], slots_out[:, q0:q0 + mq], certified[:, q0:q0 + mq] = best, best_slot, ok
     if not bool(certified.all()):  # near-ties within the bound: those queries again, in fp32

@@ -192,7 +192,7 @@ def product_topk(sub_scores: Tensor, topk: int, *, subkey_topk: Optional[TopkFn]
     a, b = pairs(topk, sub_scores.device)
     cand_scores = s1.index_select(-1, a) + s2.index_select(-1, b)  # (..., heads, P)
     cand_slots = i1.index_select(-1, a) * num_keys + i2.index_select(-1, b)
-    return topk_lower_index(cand_scores, topk, cand_slots)
+    return topk_lower_index(cand_scores, topk, cand_slots, index_bound=num_keys * num_keys)
 
 
 def candidate_pairs(topk: int, device: Optional[torch.device] = None) -> Tensor:

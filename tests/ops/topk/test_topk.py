@@ -216,3 +216,21 @@ def test_non_finite_rule_nan_ranks_below_minus_inf_and_nans_are_equal():
     assert idx.tolist() == [[4, 2, 5, 6, 1, 0, 3, 7]]  # +inf, numbers, -inf, then every NaN by index
     for dtype in DTYPES:
         check_nan(entry.topk_lower_index(x.to(dtype), 6), reference.topk_lower_index(x.to(dtype), 6), str(dtype))
+
+
+def test_an_index_bound_spares_the_range_check(monkeypatch):
+    # the search and the KNN memory know their slots' bound: no read back to the host (a sync on a GPU)
+    import product_key_memory.ops.topk as topk_entry
+
+    calls = []
+    real = topk_entry._fits_32_bits
+    monkeypatch.setattr(topk_entry, "_fits_32_bits", lambda index: calls.append(1) or real(index))
+    x = torch.randn(3, 40)
+    index = torch.randperm(40).expand(3, 40).contiguous()
+    want = topk_entry.reference.topk_lower_index(x, 5, index)
+    got = topk_entry.topk_lower_index(x, 5, index, index_bound=40)
+    assert calls == [] and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    topk_entry.topk_lower_index(x, 5, index)
+    assert calls == [1]
+    topk_entry.topk_lower_index(x, 5, index, index_bound=2**33)  # a bound past 32 bits: checked
+    assert calls == [1, 1]
