@@ -6,7 +6,8 @@ validation by a hash of their relative path, so the split is the same everywhere
 
 Two models train on the same batches in the same order:
 
-* ``pkm``: a :class:`~product_key_memory.TransformerLM` whose ``--pkm-layers`` blocks read a PKM;
+* ``pkm``: a :class:`~product_key_memory.TransformerLM` whose ``--pkm-layers`` blocks read a PKM
+  (``--memory memory_plus`` or ``peer``: a Memory+ or a PEER layer instead);
 * ``dense``: the same model with a GELU feedforward in those blocks whose hidden width is
   chosen so the block does the same multiply-adds per token as the PKM (query projection,
   sub-key scores and the ``heads * topk`` value rows read). Every other block is identical,
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from product_key_memory import PKM, TransformerLM, fetch_optimizer_parameters
+from product_key_memory import PEER, PKM, TransformerLM, fetch_optimizer_parameters
 from product_key_memory.models.transformer import FeedForward
 
 # ----------------------------------------------------------------------------------- data
@@ -95,12 +96,20 @@ def pkm_lookup_macs(pkm: PKM) -> int:
     return pkm.heads * 2 * pkm.num_keys * pkm.dim_head + pkm.heads * pkm.topk * pkm.values.weight.shape[1]
 
 
+def peer_lookup_macs(peer: PEER) -> int:
+    """Multiply-adds per token of a PEER outside its query projection: sub-key scores and the experts
+    used (one down and one up row each)."""
+    return peer.heads * 2 * peer.num_keys * peer.dim_key + peer.heads * peer.experts_per_head * 2 * peer.dim
+
+
 def macs_per_token(model: nn.Module, seq_len: int = 0) -> int:
-    """Multiply-adds per token of every linear map and PKM lookup, plus causal attention at full context."""
+    """Multiply-adds per token of every linear map and memory lookup, plus causal attention at full context."""
     total = 0
     for m in model.modules():
         if isinstance(m, PKM):
             total += pkm_lookup_macs(m)  # its query projection (and combine) are nn.Linear, counted below
+        elif isinstance(m, PEER):
+            total += peer_lookup_macs(m)
         elif isinstance(m, nn.Linear):
             total += m.in_features * m.out_features
         elif type(m).__name__ == "CausalSelfAttention":
@@ -109,12 +118,16 @@ def macs_per_token(model: nn.Module, seq_len: int = 0) -> int:
 
 
 def build_models(args):
-    pkm_kwargs = dict(heads=args.pkm_heads, num_keys=args.num_keys, topk=args.topk, dim_head=args.pkm_dim_head)
+    if args.memory == "peer":  # num_keys ** 2 experts, topk of them per head, softmax gates
+        pkm_kwargs = dict(heads=args.pkm_heads, num_experts=args.num_keys**2, num_experts_per_head=args.topk,
+                          dim_key=args.pkm_dim_head, non_competing_scores=False)
+    else:
+        pkm_kwargs = dict(heads=args.pkm_heads, num_keys=args.num_keys, topk=args.topk, dim_head=args.pkm_dim_head)
     common = dict(num_tokens=256, dim=args.dim, depth=args.depth, seq_len=args.seq_len, heads=args.heads,
                   dim_head=args.dim // args.heads, ff_mult=args.ff_mult)
-    pkm_model = TransformerLM(**common, pkm_layers=args.pkm_layers, pkm_kwargs=pkm_kwargs)
-    # dense baseline: in the PKM blocks, a feedforward doing the PKM's multiply-adds (2 * dim * hidden)
-    pkm_layer = next(m for m in pkm_model.modules() if isinstance(m, PKM))
+    pkm_model = TransformerLM(**common, pkm_layers=args.pkm_layers, pkm_kwargs=pkm_kwargs, memory=args.memory)
+    # dense baseline: in the memory blocks, a feedforward doing the memory's multiply-adds (2 * dim * hidden)
+    pkm_layer = pkm_model.blocks[pkm_model.pkm_layers[0] - 1].ff
     hidden = max(1, round(macs_per_token(pkm_layer) / (2 * args.dim)))
     dense_model = TransformerLM(**common, pkm_layers=())
     for layer in pkm_model.pkm_layers:
@@ -139,7 +152,7 @@ def usage_tracker(model):
         from product_key_memory import MemoryUsageTracker
     except ImportError:
         return None
-    return MemoryUsageTracker(model) if any(isinstance(m, PKM) for m in model.modules()) else None
+    return MemoryUsageTracker(model) if any(isinstance(m, (PKM, PEER)) for m in model.modules()) else None
 
 
 # -------------------------------------------------------------------------------- training
@@ -212,7 +225,7 @@ def train(name, model, train_data, val_batches, args):
 
 def print_usage(name, r, out_dir: Path):
     if r["tracker"] is None:
-        if any(isinstance(m, PKM) for m in r["model"].modules()):
+        if any(isinstance(m, (PKM, PEER)) for m in r["model"].modules()):
             print("memory-usage statistics: this version of product_key_memory has no MemoryUsageTracker (skipped)")
         return
     print(f"memory usage of the {name} model's PKM layers on the validation batches:")
@@ -291,6 +304,8 @@ def main(argv=None):
     p.add_argument("--ff-mult", type=int, default=4, help="feedforward width as a multiple of --dim")
     p.add_argument("--pkm-layers", type=int, nargs="+", default=[3],
                    help="blocks with a PKM, numbered from 1 as TransformerLM(pkm_layers=...): 3 is module blocks.2")
+    p.add_argument("--memory", choices=("pkm", "memory_plus", "peer"), default="pkm",
+                   help="the memory layer of the --pkm-layers blocks (peer: num_keys**2 experts, topk per head)")
     p.add_argument("--num-keys", type=int, default=128, help="sub-keys per half: num_keys**2 memory slots")
     p.add_argument("--topk", type=int, default=16, help="memory slots read per PKM head")
     p.add_argument("--pkm-heads", type=int, default=4, help="PKM query heads")

@@ -22,7 +22,7 @@ from typing import Iterable, Union
 
 from torch import nn
 
-from ..layers.pkm import PKM
+from ..layers import MEMORY_KINDS, build_memory
 
 __all__ = ["add_pkm", "apply_pkm_from_config", "find_blocks", "from_pretrained", "CONFIG_KEY"]
 
@@ -50,15 +50,18 @@ def _layer_list(layers, depth: int) -> list:
     return sorted(set(layers))
 
 
-def _swap(model: nn.Module, layers: list, mlp_attr: str, kwargs: dict) -> None:
+def _swap(model: nn.Module, layers: list, mlp_attr: str, kwargs: dict, memory: str = "pkm") -> None:
     blocks = find_blocks(model, mlp_attr)
     layers = _layer_list(layers, len(blocks))
     ref = next(model.parameters())
     for i in layers:
-        setattr(blocks[i], mlp_attr, PKM(model.config.hidden_size, **kwargs, device=ref.device, dtype=ref.dtype))
+        layer = build_memory(memory, model.config.hidden_size, **kwargs, device=ref.device, dtype=ref.dtype)
+        setattr(blocks[i], mlp_attr, layer)
 
 
-def add_pkm(model: nn.Module, layers: Union[int, Iterable[int]], *, mlp_attr: str = "mlp", **pkm_kwargs) -> nn.Module:
+def add_pkm(
+    model: nn.Module, layers: Union[int, Iterable[int]], *, mlp_attr: str = "mlp", memory: str = "pkm", **pkm_kwargs
+) -> nn.Module:
     """Replaces the feedforward of blocks ``layers`` (0-based, as ``model.model.layers[i]``) by new PKMs, in place.
 
     Args:
@@ -68,6 +71,8 @@ def add_pkm(model: nn.Module, layers: Union[int, Iterable[int]], *, mlp_attr: st
             :class:`MemoryUsageTracker`'s layer names. (``TransformerLM(pkm_layers=...)`` counts
             from 1, as product-key-memory 0.3.0 did.)
         mlp_attr: name of the feedforward inside a block.
+        memory: the kind of memory put in, a key of :data:`~product_key_memory.layers.MEMORY_KINDS`
+            (``"pkm"``, ``"memory_plus"``, ``"peer"``); recorded in the config with the arguments.
         pkm_kwargs: arguments of :class:`~product_key_memory.PKM` besides ``dim`` (taken from
             ``config.hidden_size``); plain values only, since they are saved in the config.
             Not ``values``, ``device`` or ``dtype`` (``TypeError``): the PKMs follow the model.
@@ -88,10 +93,15 @@ def add_pkm(model: nn.Module, layers: Union[int, Iterable[int]], *, mlp_attr: st
             f"add_pkm does not take {' or '.join(placed)}=: the PKMs are made on the device and in the dtype of the "
             "model's parameters; move or cast the model (model.to(...)) before or after add_pkm"
         )
+    if memory not in MEMORY_KINDS:
+        raise ValueError(f"memory must be one of {tuple(MEMORY_KINDS)}, got {memory!r}")
     depth = len(find_blocks(model, mlp_attr))
     layers = _layer_list(layers, depth)
-    _swap(model, layers, mlp_attr, pkm_kwargs)
-    setattr(model.config, CONFIG_KEY, {"layers": layers, "mlp_attr": mlp_attr, "kwargs": dict(pkm_kwargs)})
+    _swap(model, layers, mlp_attr, pkm_kwargs, memory)
+    spec = {"layers": layers, "mlp_attr": mlp_attr, "kwargs": dict(pkm_kwargs)}
+    if memory != "pkm":  # configs saved before other kinds existed hold PKMs
+        spec["memory"] = memory
+    setattr(model.config, CONFIG_KEY, spec)
     return model
 
 
@@ -102,7 +112,7 @@ def apply_pkm_from_config(model: nn.Module) -> nn.Module:
     """
     spec = getattr(model.config, CONFIG_KEY, None)
     if spec:
-        _swap(model, spec["layers"], spec.get("mlp_attr", "mlp"), spec.get("kwargs", {}))
+        _swap(model, spec["layers"], spec.get("mlp_attr", "mlp"), spec.get("kwargs", {}), spec.get("memory", "pkm"))
     return model
 
 

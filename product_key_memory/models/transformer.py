@@ -9,7 +9,7 @@ a plain pre-norm GPT: learned positions, causal attention through
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence, Union
+from typing import Dict, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from .._checks import check_positive_int
 from ..cuda_graphs import GraphedForward
 from ..knn.memory import KNNMemory, KNNMemoryList
 from ..knn.attention import KNNAttention
-from ..layers.pkm import PKM
+from ..layers import MEMORY_KINDS, build_memory
 
 __all__ = ["TransformerLM", "lm_loss"]
 
@@ -88,6 +88,23 @@ def _pkm_layer_set(pkm_layers, depth: int) -> frozenset:
     return _layer_set("pkm_layers", pkm_layers, depth)
 
 
+def _memory_kinds(memory, layers: tuple) -> dict:
+    """``{block: kind}`` for the memory blocks: one kind for all (a str) or a kind per block (a dict)."""
+    if isinstance(memory, str):
+        memory = dict.fromkeys(layers, memory)
+    elif isinstance(memory, dict):
+        extra = sorted(set(memory) - set(layers))
+        if extra:
+            raise ValueError(f"memory names blocks {extra} that are not memory blocks (pkm_layers={layers})")
+        memory = {layer: memory.get(layer, "pkm") for layer in layers}
+    else:
+        raise TypeError(f"memory must be a memory kind or a dict of block -> kind, got {type(memory).__name__}")
+    for layer, kind in memory.items():
+        if kind not in MEMORY_KINDS:
+            raise ValueError(f"memory of block {layer} must be one of {tuple(MEMORY_KINDS)}, got {kind!r}")
+    return memory
+
+
 def _since_last_token(tokens: Tensor, token_id: Optional[int]) -> Tensor:
     """``(batch, seq)`` bool: True from the last ``token_id`` of each row on (everywhere in rows without one)."""
     if token_id is None:
@@ -113,10 +130,14 @@ class TransformerLM(nn.Module):
             middle block ``(depth + 1) // 2``. Block ``i`` is ``self.blocks[i - 1]``: module paths,
             and so the layer names of :class:`MemoryUsageTracker`, count from 0 (block 3's PKM is
             ``blocks.2.ff``). :func:`~product_key_memory.integrations.hf.add_pkm` counts from 0.
-        pkm_kwargs: keyword arguments of every :class:`PKM` (besides ``dim``). The default
+        pkm_kwargs: keyword arguments of every memory layer (besides ``dim``). The default
             PKM normalises queries with a LayerNorm, which is causal; ``use_layernorm=False``
             (batch-norm queries) mixes statistics across the tokens of a batch at training
             time, so a token's output then depends on later tokens.
+        memory: the kind of memory in the ``pkm_layers`` blocks, a key of
+            :data:`~product_key_memory.layers.MEMORY_KINDS` (``"pkm"``, ``"memory_plus"``, ``"peer"``), or a
+            dict ``{block: kind}`` (blocks it leaves out get ``"pkm"``).
+        memory_kwargs: ``{kind: kwargs}``, arguments for the blocks of one kind, over ``pkm_kwargs``.
         knn_layers: 1-based numbers of the blocks whose attention is a :class:`KNNAttention` (the same
             convention as ``pkm_layers``), an int or an iterable of ints; ``()`` (default) for none. A block
             can hold both a KNN attention and a PKM.
@@ -158,6 +179,8 @@ class TransformerLM(nn.Module):
         *,
         pkm_layers: Union[int, Iterable[int], None] = None,
         pkm_kwargs: Optional[dict] = None,
+        memory: Union[str, Dict[int, str]] = "pkm",
+        memory_kwargs: Optional[Dict[str, dict]] = None,
         knn_layers: Union[int, Iterable[int]] = (),
         knn_kwargs: Optional[dict] = None,
         clear_memories_on_sos_token_id: Optional[int] = None,
@@ -174,6 +197,12 @@ class TransformerLM(nn.Module):
             check_positive_int(name, value)
         if pkm_kwargs is not None and not isinstance(pkm_kwargs, dict):
             raise TypeError(f"pkm_kwargs must be a dict of PKM arguments, got {type(pkm_kwargs).__name__}")
+        if memory_kwargs is not None and (
+            not isinstance(memory_kwargs, dict) or not set(memory_kwargs) <= set(MEMORY_KINDS)
+            or not all(isinstance(v, dict) for v in memory_kwargs.values())
+        ):
+            raise ValueError(f"memory_kwargs must map memory kinds {tuple(MEMORY_KINDS)} to dicts of their "
+                             f"arguments, got {memory_kwargs!r}")
         if knn_kwargs is not None and not isinstance(knn_kwargs, dict):
             raise TypeError(f"knn_kwargs must be a dict of KNNAttention arguments, got {type(knn_kwargs).__name__}")
         if clear_memories_on_sos_token_id is not None and (
@@ -184,6 +213,7 @@ class TransformerLM(nn.Module):
         factory = dict(device=device, dtype=dtype)
         self.seq_len = seq_len
         self.pkm_layers = tuple(sorted(_pkm_layer_set(pkm_layers, depth)))
+        self.memory_kinds = _memory_kinds(memory, self.pkm_layers)
         self.knn_layers = tuple(sorted(_layer_set("knn_layers", knn_layers, depth)))
         self.clear_memories_on_sos_token_id = clear_memories_on_sos_token_id
         knn_kwargs = dict(dict(heads=heads, dim_head=dim_head, dropout=dropout), **(knn_kwargs or {}))
@@ -193,7 +223,9 @@ class TransformerLM(nn.Module):
         self.blocks = nn.ModuleList()
         for layer in range(1, depth + 1):
             if layer in self.pkm_layers:
-                ff = PKM(dim, **(pkm_kwargs or {}), **factory)
+                kind = self.memory_kinds[layer]
+                kwargs = {**(pkm_kwargs or {}), **(memory_kwargs or {}).get(kind, {})}
+                ff = build_memory(kind, dim, **kwargs, **factory)
             else:
                 ff = FeedForward(dim, ff_mult * dim, dropout, **factory)
             if layer in self.knn_layers:
@@ -372,4 +404,6 @@ class TransformerLM(nn.Module):
 
     def extra_repr(self) -> str:
         knn = f", knn_layers={self.knn_layers}" if self.knn_layers else ""
-        return f"seq_len={self.seq_len}, pkm_layers={self.pkm_layers}{knn}"
+        kinds = set(self.memory_kinds.values())
+        memory = "" if kinds <= {"pkm"} else f", memory={self.memory_kinds}"
+        return f"seq_len={self.seq_len}, pkm_layers={self.pkm_layers}{memory}{knn}"

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -43,3 +44,15 @@ def test_tiny_run_end_to_end(train_lm, tmp_path, capsys):
 def test_block_label(train_lm):
     assert train_lm.block_label("blocks.0.ff") == "block 1 (blocks.0.ff)"
     assert train_lm.block_label("memory") == "memory"
+
+
+@pytest.mark.parametrize("memory", ["memory_plus", "peer"])
+def test_tiny_run_with_another_memory(train_lm, tmp_path, memory):
+    results = train_lm.main(["--quick", "--memory", memory, "--steps", "2", "--eval-every", "1", "--eval-batches",
+                             "1", "--batch-size", "2", "--seq-len", "16", "--sample-bytes", "4", "--num-keys", "16",
+                             "--topk", "4", "--out", str(tmp_path)])
+    assert results["pkm"]["macs_per_token"] == results["dense"]["macs_per_token"], "compute per token must match"
+    args = SimpleNamespace(memory=memory, pkm_heads=2, num_keys=16, topk=4, pkm_dim_head=8, dim=32, depth=4,
+                           seq_len=16, heads=2, ff_mult=4, pkm_layers=[3])
+    models, _ = train_lm.build_models(args)
+    assert type(models["pkm"].blocks[2].ff).__name__ == {"memory_plus": "MemoryPlus", "peer": "PEER"}[memory]

@@ -111,3 +111,23 @@ def test_add_pkm_refuses_its_own_dtype_and_device(model, placement):
     assert not getattr(model.config, "pkm", None), "nothing recorded"
     add_pkm(model.to(torch.float64), [1], **PKM_KWARGS)  # the way to get a float64 PKM
     assert find_blocks(model)[1].mlp.keys.dtype == torch.float64
+
+
+@pytest.mark.parametrize("memory, kwargs, cls_name", [
+    ("memory_plus", PKM_KWARGS, "MemoryPlus"),
+    ("peer", dict(heads=2, num_experts=256, num_experts_per_head=4), "PEER"),
+])
+def test_other_memory_kinds_save_and_reload(memory, kwargs, cls_name, tmp_path):
+    torch.manual_seed(0)
+    model = gpt2()
+    add_pkm(model, [1], memory=memory, **kwargs)
+    assert type(find_blocks(model)[1].mlp).__name__ == cls_name and model.config.pkm["memory"] == memory
+    model.eval()
+    tokens = torch.randint(0, 64, (2, 12))
+    expected = model(tokens).logits
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(type(model), tmp_path).eval()
+    assert type(find_blocks(loaded)[1].mlp).__name__ == cls_name
+    assert_close(loaded(tokens).logits, expected)
+    with pytest.raises(ValueError, match="memory must be one of"):
+        add_pkm(gpt2(), [1], memory="ultra")

@@ -219,3 +219,41 @@ def test_generate_on_cpu_ignores_cuda_graph():
                           pkm_kwargs=dict(heads=2, num_keys=8, topk=4, dim_head=8))
     prompt = torch.randint(0, 32, (2, 5))
     assert torch.equal(model.generate(prompt, 6, temperature=0), model.generate(prompt, 6, temperature=0, cuda_graph=False))
+
+
+def test_memory_kinds_per_block_train_with_the_recommended_optimizer():
+    from product_key_memory import MemoryPlus, PEER, build_optimizer, fetch_pkm_value_parameters
+
+    torch.manual_seed(0)
+    small = dict(num_keys=8, topk=4, dim_head=8)
+    model = TransformerLM(64, dim=32, depth=4, seq_len=16, heads=2, dim_head=16, pkm_layers=(2, 3, 4),
+                          memory={3: "peer", 4: "memory_plus"}, pkm_kwargs=dict(heads=2),
+                          memory_kwargs={"pkm": small, "memory_plus": small,
+                                         "peer": dict(num_experts=256, num_experts_per_head=4)})
+    kinds = [type(b.ff).__name__ for b in model.blocks]
+    assert kinds == ["FeedForward", "PKM", "PEER", "MemoryPlus"]
+    assert "memory={2: 'pkm', 3: 'peer', 4: 'memory_plus'}" in repr(model)
+    values, _ = fetch_pkm_value_parameters(model)
+    experts = model.blocks[2].ff.experts
+    assert {id(p) for p in experts.value_parameters()} <= {id(p) for p in values}
+    opt = build_optimizer(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.loss(torch.randint(0, 64, (2, 17))).backward()
+    opt.step()
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    for block in ("blocks.1.ff.", "blocks.2.ff.", "blocks.3.ff."):
+        assert any(n.startswith(block) for n in moved), block
+    every = TransformerLM(64, dim=32, depth=2, seq_len=16, heads=2, dim_head=16, pkm_layers=2, memory="peer",
+                          pkm_kwargs=dict(heads=2, num_experts=64, num_experts_per_head=2))
+    assert isinstance(every.blocks[1].ff, PEER) and not isinstance(every.blocks[0].ff, MemoryPlus)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(memory="ultra"), ValueError, "memory of block 2 must be one of"),
+    (dict(memory={1: "peer"}), ValueError, r"memory names blocks \[1\] that are not memory blocks"),
+    (dict(memory=3), TypeError, "memory must be a memory kind or a dict"),
+    (dict(memory_kwargs={"nope": {}}), ValueError, "memory_kwargs must map memory kinds"),
+])
+def test_memory_arguments_are_checked(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        TransformerLM(64, dim=32, depth=2, seq_len=16, pkm_layers=2, **kwargs)
