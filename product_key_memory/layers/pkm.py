@@ -243,19 +243,9 @@ class PKM(nn.Module):
         else:
             super().__setattr__(name, value)
 
-    # 0.3.0's names of the pieces, read from the parts that hold them (properties, not a __getattr__:
-    # no extra call on every attribute of the forward)
+    # 0.3.0's names of the pieces (product_keys.keys and each of _PIECES) are properties set below
+    # the class, read from the parts that hold them: no __getattr__ runs on every attribute of the forward
     keys = property(lambda self: self.product_keys.keys)
-    pre_layernorm = property(lambda self: self.query.pre_layernorm)
-    input_dropout = property(lambda self: self.query.input_dropout)
-    query_hidden = property(lambda self: self.query.query_hidden)
-    to_queries = property(lambda self: self.query.to_queries)
-    norm = property(lambda self: self.query.norm)
-    query_dropout = property(lambda self: self.query.query_dropout)
-    combine = property(lambda self: self.output.combine)
-    value_proj = property(lambda self: self.output.value_proj)
-    value_dropout = property(lambda self: self.output.value_dropout)
-    output_norm = property(lambda self: self.output.output_norm)
 
     # sizes and options, read from the parts that hold them
     heads = property(lambda self: self.product_keys.heads)
@@ -359,6 +349,13 @@ class PKM(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
 
+
+def _piece(part: str, name: str) -> property:
+    return property(lambda self: getattr(getattr(self, part), name), doc=f"``{part}.{name}`` (0.3.0's name)")
+
+
+for _name, _part in _PIECES.items():
+    setattr(PKM, _name, _piece(_part, _name))
 
 ProductKeyMemory = PKM
 

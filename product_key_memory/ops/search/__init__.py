@@ -138,21 +138,23 @@ def search(
         ``i1 * num_keys + i2``, best first, the lower slot first on ties.
     """
     reference.check_num_keys(keys.shape[-2])
-    if functorch_active():
-        sub = reference.subkey_scores(queries, keys)
-        if gumbel_noise_scale > 0.0:  # vmap needs randomness="different" or "same" for it, as for dropout
-            sub = sub + gumbel_noise_like(sub) * gumbel_noise_scale
-        return reference.product_topk(sub, topk, subkey_topk=subkey_topk)
+    # routes that build the sub-key scores as a tensor, then select from them
+    if functorch_active():  # plain ops only; vmap needs randomness="different" or "same" for the noise
+        return _select(reference.subkey_scores(queries, keys), topk, subkey_topk, gumbel_noise_scale,
+                       reference.product_topk)
     if torch.compiler.is_exporting():
-        return product_topk(reference.subkey_scores(queries, keys), topk, subkey_topk=subkey_topk)
+        return _select(reference.subkey_scores(queries, keys), topk, subkey_topk, gumbel_noise_scale, product_topk)
     if subkey_topk is not None or gumbel_noise_scale > 0.0:
-        sub = subkey_scores(queries, keys)
-        if gumbel_noise_scale > 0.0:
-            sub = sub + gumbel_noise_like(sub) * gumbel_noise_scale
-        return product_topk(sub, topk, subkey_topk=subkey_topk)
+        return _select(subkey_scores(queries, keys), topk, subkey_topk, gumbel_noise_scale, product_topk)
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad)):
         return _search_op(queries, keys, topk)
     return _run(queries, keys, topk)
+
+
+def _select(sub: Tensor, topk: int, subkey_topk: Optional[TopkFn], gumbel_noise_scale: float, product_topk_fn):
+    if gumbel_noise_scale > 0.0:
+        sub = sub + gumbel_noise_like(sub) * gumbel_noise_scale
+    return product_topk_fn(sub, topk, subkey_topk=subkey_topk)
 
 
 def subkey_scores(queries: Tensor, keys: Tensor) -> Tensor:

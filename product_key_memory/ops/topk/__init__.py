@@ -58,9 +58,8 @@ def topk_lower_index(
         # no data-dependent branch in a graph, and positions made here: the cached ones are built
         # outside inference mode, which tracing cannot follow
         return topk_keyed(x, k, torch.arange(x.shape[-1], device=x.device) if index is None else index)
-    if index is not None and index.numel() > 0 and not (index_bound is not None and index_bound <= 2**32) and (
-        not _fits_32_bits(index)
-    ):
+    unbounded = index_bound is None or index_bound > 2**32
+    if index is not None and index.numel() > 0 and unbounded and not _fits_32_bits(index):
         return reference.topk_lower_index(x, k, index)
     if x.dtype == torch.float32 and x.device.type == "cpu" and k < x.shape[-1] and x.numel() > 0:
         return topk_distinct_first(x, k, index, wide)
