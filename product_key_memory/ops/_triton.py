@@ -7,11 +7,12 @@ Without this check a CPU tensor reaches Triton's launcher, which fails with its 
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
 
 from torch import Tensor
 
-__all__ = ["interpreted", "check_device"]
+__all__ = ["interpreted", "check_device", "CompileCase"]
 
 
 def interpreted(kernel) -> bool:
@@ -40,3 +41,25 @@ def check_device(op: str, kernel, **tensors: Optional[Tensor]) -> None:
             f"the triton backend's {op} got {name} on {t.device}; its kernels run on CUDA tensors (or on CPU "
             "under TRITON_INTERPRET=1): use CUDA tensors, or use_backend('torch')"
         )
+
+
+@dataclass(frozen=True)
+class CompileCase:
+    """One kernel variant to build ahead of time for a GPU target, without a GPU.
+
+    Each ``ops/<op>/triton_impl.py`` lists its variants in a ``compile_cases()`` function (the
+    configurations a launch would use at the README layer, the test sizes and the extremes);
+    ``tests/ops/test_triton_compile.py`` builds every case for sm_90 and sm_80 and reports
+    registers and spills. ``default`` marks a configuration the library launches by default, which
+    must not spill.
+    """
+
+    name: str
+    kernel: Any
+    signature: Dict[str, str]
+    constexprs: Dict[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+    # positions (in ``signature`` order) of arguments a launch sees as multiples of 16
+    divisible: Tuple[int, ...] = ()
+    default: bool = True
