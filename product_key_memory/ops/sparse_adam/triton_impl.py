@@ -12,15 +12,16 @@ duplicate rows without a data-dependent size (no host sync). The formulas are :m
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._triton import check_device
+from .._triton import CompileCase, check_device
 
-__all__ = ["sparse_adam_step_"]
+__all__ = ["sparse_adam_step_", "compile_cases"]
 
 
 @triton.jit
@@ -114,3 +115,43 @@ def sparse_adam_step_(
         HAS_WD=weight_decay != 0, DECOUPLED=decoupled_weight_decay, ALIGNED=D % vec == 0, VEC=vec,
         BLOCK_D=block_d, num_warps=num_warps,
     )
+
+
+_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _case(name: str, D: int, param=torch.float32, moments=None, grad=True, catch_up=False, maximize=False,
+          weight_decay=False, decoupled=False, default=False) -> CompileCase:
+    """The launch :func:`sparse_adam_step_` makes for ``(S, D)`` tables of these dtypes and these options."""
+    moments = moments or param
+    t = [torch.empty(1, D, dtype=d, device="meta") for d in (param, moments, moments)]
+    vec, block_d, num_warps = launch_config(*t)
+    p, m = "*" + _TYPES[param], "*" + _TYPES[moments]
+    signature = dict(p_ptr=p, m_ptr=m, v_ptr=m, rows_ptr="*i64", g_ptr=p if grad else "*i64",
+                     c_ptr="*fp64" if catch_up else "*i64", D="i32", lr="fp32", beta1="fp32", beta2="fp32",
+                     eps="fp32", weight_decay="fp32", step_size="fp32", bc2_sqrt="fp32")
+    constexprs = dict(HAS_GRAD=grad, HAS_CATCH_UP=catch_up, MAXIMIZE=maximize, HAS_WD=weight_decay,
+                      DECOUPLED=decoupled, ALIGNED=D % vec == 0, VEC=vec, BLOCK_D=block_d)
+    # torch's allocations start on 16-byte boundaries; Triton sees D as a multiple of 16 when it is
+    divisible = (0, 1, 2, 3, 4, 5) + ((6,) if D % 16 == 0 else ())
+    return CompileCase(name=name, kernel=_sparse_adam_row_kernel, signature=signature, constexprs=constexprs,
+                       num_warps=num_warps, divisible=divisible, default=default)
+
+
+def compile_cases() -> List[CompileCase]:
+    """The README layer's tables (``dim=512``; fp32, bf16, bf16 with fp32 moments) under the
+    optimizer's default and its options (decoupled weight decay, catch-up with a gradient, the
+    catch-up alone), then the extremes of the row width: 1, odd 129, 4096 (eight 1,024-column blocks)."""
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    return [
+        _case("readme fp32", 512, default=True),
+        _case("readme bf16", 512, param=bf16, default=True),
+        _case("readme bf16, fp32 moments", 512, param=bf16, moments=f32, default=True),
+        _case("readme fp32 adamw", 512, weight_decay=True, decoupled=True, default=True),
+        _case("readme fp32 catch-up", 512, catch_up=True, weight_decay=True, decoupled=True, default=True),
+        _case("readme fp32 catch-up alone", 512, grad=False, catch_up=True, default=True),
+        _case("dim 1", 1),
+        _case("dim 129 fp16 maximize, l2", 129, param=f16, maximize=True, weight_decay=True),
+        _case("dim 4096 fp32 catch-up", 4096, catch_up=True, weight_decay=True, decoupled=True),
+        _case("dim 4096 bf16", 4096, param=bf16),
+    ]
