@@ -62,6 +62,12 @@ def _ptxas(cc: int) -> str:
     return str(path)
 
 
+def _ptxas_version(cc: int) -> Optional[str]:
+    res = subprocess.run([_ptxas(cc), "--version"], capture_output=True, text=True, timeout=60)
+    found = re.search(r"release (\d+\.\d+)", res.stdout)
+    return found.group(1) if found else None
+
+
 def _arch(cc: int) -> str:
     try:
         from triton.backends.nvidia.compiler import sm_arch_from_capability
@@ -233,7 +239,8 @@ def main(argv=None) -> None:
             if r["op"] == op:  # progress on stderr; the JSON answer is stdout's last line
                 print(json.dumps({k: r.get(k) for k in FIELDS if k in r} | {"missing": r.get("missing")}),
                       file=sys.stderr)
-    print(json.dumps(dict(triton=triton.__version__, ptxas=_ptxas(args.cc[0]), records=records)))
+    print(json.dumps(dict(triton=triton.__version__, ptxas=_ptxas(args.cc[0]), ptxas_version=_ptxas_version(args.cc[0]),
+                          records=records)))
 
 
 if __name__ == "__main__":
