@@ -4,6 +4,12 @@ and a plain ``nn.EmbeddingBag`` read, in one process on one GPU.
     python benchmarks/bench_gpu.py            # full run on CUDA, writes benchmarks/results/bench_gpu.json
     python benchmarks/bench_gpu.py --smoke    # every code path at tiny sizes on CPU (triton interpreted)
     python benchmarks/bench_gpu.py --peer-wheel product_key_memory-0.3.0-py3-none-any.whl   # offline
+    python benchmarks/bench_gpu.py --configs keys1024 --parts reads --reads zipf --out /tmp/r.json
+    python benchmarks/bench_gpu.py --merge a.json b.json --out bench_gpu.json      # join runs
+
+``benchmarks/gpu_check.sh`` runs the CUDA tests and this script in one go on a GPU machine.
+The JSON file is rewritten after every configuration and part (``complete: false`` until the
+end), so a run stopped by a time limit keeps what it measured.
 
 The 0.3.0 columns need its wheel (see ``benchmarks/peer.py``): found in ``.cache/peer`` at
 the checkout's root, else downloaded there with ``pip download``. A GPU machine without
@@ -24,7 +30,10 @@ backend steps value rows with ``ops.sparse_adam``), 0.3.0 ``torch.optim.Adam`` o
 and ``memory``, the peak GPU memory of one training step above the resident model.
 
 Value-read kernels are also timed alone at the layer's read shape (tokens x heads*topk
-reads of the table) and their bandwidth is set against the device's copy bandwidth,
+reads of the table), for three slot distributions (``--reads``): ``uniform``, ``zipf`` (rank r
+read with probability proportional to r**-s, ``--zipf-s``, ranks scattered over the table) and
+``hot`` (one slot takes 25% of the reads); a ``read agreement`` row gives the triton read's
+largest difference from ``F.embedding_bag``. Their bandwidth is set against the device's copy bandwidth,
 measured with a large ``tensor.copy_`` (bytes read + written), for the bytes each must
 move at least (``bytes``; e the table's element size, U the distinct slots read):
 
@@ -121,6 +130,15 @@ def copy_bandwidth(device: torch.device, timer: Timer, nbytes: int) -> float:
     dst = torch.empty_like(src)
     ms = timer(lambda: dst.copy_(src))["median_ms"]
     return 2 * nbytes / (ms / 1e3)
+
+
+def triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
 
 
 def backend(lib: str):
@@ -255,8 +273,38 @@ def record_graphed_decode(lib, model, x_dec, device, timer, record):
     del graphed
 
 
-def bench_reads(config, spec, layer, device, timer, copy_bps) -> list:
-    """The value-read kernels alone at the layer's read shape, fp32 and bf16 tables."""
+READ_DISTRIBUTIONS = ("uniform", "zipf", "hot")
+
+
+def read_indices(dist: str, num_slots: int, shape, gen: torch.Generator, zipf_s: float = 1.0) -> torch.Tensor:
+    """``shape`` slot indices drawn from ``dist``:
+
+    * ``uniform``: every slot alike;
+    * ``zipf``: the slot of rank ``r`` (1-based) read with probability proportional to ``r ** -zipf_s``,
+      ranks scattered over the table by a random permutation (a few hot rows anywhere in memory);
+    * ``hot``: one slot takes 25% of the reads, the others uniform.
+
+    Reads of one bag may repeat a slot (a layer's top-k never does; the kernels do not rely on it)."""
+    n = math.prod(shape)
+    if dist == "uniform":
+        return torch.randint(0, num_slots, shape, generator=gen)
+    if dist == "zipf":
+        p = torch.arange(1, num_slots + 1, dtype=torch.float64).pow(-zipf_s)
+        cdf = p.cumsum(0)
+        cdf /= cdf[-1].clone()
+        rank = torch.searchsorted(cdf, torch.rand(n, generator=gen, dtype=torch.float64)).clamp_(max=num_slots - 1)
+        return torch.randperm(num_slots, generator=gen)[rank].view(shape)
+    if dist == "hot":
+        idx = torch.randint(0, num_slots, (n,), generator=gen)
+        hot = torch.rand(n, generator=gen) < 0.25
+        idx[hot] = int(torch.randint(0, num_slots, (1,), generator=gen))
+        return idx.view(shape)
+    raise ValueError(f"dist must be one of {READ_DISTRIBUTIONS}, got {dist!r}")
+
+
+def bench_reads(config, spec, layer, device, timer, copy_bps, dists=READ_DISTRIBUTIONS, zipf_s=1.0) -> list:
+    """The value-read kernels alone at the layer's read shape, fp32 and bf16 tables, for each read
+    distribution of :func:`read_indices`."""
     from product_key_memory.ops.value_read.triton_impl import value_read, value_read_backward_rows
 
     rows = []
@@ -266,37 +314,56 @@ def bench_reads(config, spec, layer, device, timer, copy_bps) -> list:
     gen = torch.Generator(device="cpu").manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         e = torch.finfo(dtype).bits // 8
+        prec = str(dtype).replace("torch.", "")
         table = torch.randn(num_slots, D, generator=gen).to(device=device, dtype=dtype)
         bag = nn.EmbeddingBag(num_slots, D, mode="sum", device=device, dtype=dtype)
         bag.weight.data.copy_(table)
-        idx = torch.randint(0, num_slots, (tokens, m), generator=gen).to(device)
         w = torch.rand(tokens, m, generator=gen).to(device=device, dtype=dtype)
         g = torch.randn(tokens, D, generator=gen).to(device=device, dtype=dtype)
-        reads = tokens * m
-        unique = int(torch.unique(idx).numel())
-        # the least each must move (module docstring): a distinct slot's row once, not once per read
-        fwd_bytes = reads * (8 + e) + unique * D * e + tokens * D * e  # index, weight; rows; output
-        fwd_bytes_per_read = reads * (8 + e + D * e) + tokens * D * e
-        bwd_bytes = tokens * D * e + reads * (8 + 2 * e) + unique * (2 * D * e + 8)  # grad_out; reads; rows
-        cases = {
-            ("read fwd", "triton"): (lambda: value_read(table, idx, w), fwd_bytes),
-            ("read fwd", "torch"): (lambda: F.embedding_bag(idx, table, mode="sum", per_sample_weights=w), fwd_bytes),
-            ("read fwd", "EmbeddingBag"): (lambda: bag(idx, per_sample_weights=w), fwd_bytes),
-            ("read bwd", "triton"): (lambda: value_read_backward_rows(g, table, idx, w, None, True), bwd_bytes),
-            ("read bwd", "torch"): (lambda: torch_read.value_read_backward_rows(g, table, idx, w, None, True), bwd_bytes),
-        }
-        if dtype == torch.bfloat16 and device.type == "cuda":
-            del cases[("read bwd", "torch")]  # no bf16 CUDA kernel for the per-sample-weight gradient
-        for (phase, lib), (fn, nbytes) in cases.items():
-            res = timer(fn)
-            bps = nbytes / (res["median_ms"] / 1e3)
-            res.update(bytes=nbytes, distinct_slots=unique, reads=reads, gbps=bps / 1e9, fraction_of_copy=bps / copy_bps)
-            if phase == "read fwd":
-                per_read = fwd_bytes_per_read / (res["median_ms"] / 1e3)
-                res.update(bytes_per_read=fwd_bytes_per_read, fraction_per_read=per_read / copy_bps)
-            rows.append(dict(config=config, precision=str(dtype).replace("torch.", ""), phase=phase, lib=lib, **res))
-            print(f"{config:9s} {rows[-1]['precision']:8s} {phase:12s} {lib:12s} {res['median_ms']:10.3f} ms "
-                  f"{res['gbps']:9.2f} GB/s  {res['fraction_of_copy']:.2%} of copy")
+        for dist in dists:
+            idx = read_indices(dist, num_slots, (tokens, m), gen, zipf_s).to(device)
+            reads = tokens * m
+            unique = int(torch.unique(idx).numel())
+            top_share = float(torch.bincount(idx.flatten()).max()) / reads
+            # the least each must move (module docstring): a distinct slot's row once, not once per read
+            fwd_bytes = reads * (8 + e) + unique * D * e + tokens * D * e  # index, weight; rows; output
+            fwd_bytes_per_read = reads * (8 + e + D * e) + tokens * D * e
+            bwd_bytes = tokens * D * e + reads * (8 + 2 * e) + unique * (2 * D * e + 8)  # grad_out; reads; rows
+            cases = {
+                ("read fwd", "triton"): (lambda: value_read(table, idx, w), fwd_bytes),
+                ("read fwd", "torch"): (lambda: F.embedding_bag(idx, table, mode="sum", per_sample_weights=w),
+                                        fwd_bytes),
+                ("read fwd", "EmbeddingBag"): (lambda: bag(idx, per_sample_weights=w), fwd_bytes),
+                ("read bwd", "triton"): (lambda: value_read_backward_rows(g, table, idx, w, None, True), bwd_bytes),
+                ("read bwd", "torch"): (lambda: torch_read.value_read_backward_rows(g, table, idx, w, None, True),
+                                        bwd_bytes),
+            }
+            if dtype == torch.bfloat16 and device.type == "cuda":
+                del cases[("read bwd", "torch")]  # no bf16 CUDA kernel for the per-sample-weight gradient
+            common = dict(config=config, precision=prec, distribution=dist)
+            try:  # the kernels' answer first: a fast wrong read is no result
+                diff = (value_read(table, idx, w).float() - F.embedding_bag(idx, table, mode="sum",
+                                                                            per_sample_weights=w).float())
+                rows.append(dict(common, phase="read agreement", lib="triton",
+                                 max_abs_diff_vs_torch=diff.abs().max().item()))
+            except Exception as err:  # report it, time the rest
+                rows.append(dict(common, phase="read agreement", lib="triton", error=f"{type(err).__name__}: {err}"[:300]))
+            for (phase, lib), (fn, nbytes) in cases.items():
+                try:
+                    res = timer(fn)
+                except Exception as err:
+                    rows.append(dict(common, phase=phase, lib=lib, error=f"{type(err).__name__}: {err}"[:300]))
+                    print(f"{config:9s} {prec:8s} {phase:12s} {dist:8s} {lib:12s} error: {rows[-1]['error']}")
+                    continue
+                bps = nbytes / (res["median_ms"] / 1e3)
+                res.update(bytes=nbytes, distinct_slots=unique, reads=reads, top_slot_share=top_share,
+                           gbps=bps / 1e9, fraction_of_copy=bps / copy_bps)
+                if phase == "read fwd":
+                    per_read = fwd_bytes_per_read / (res["median_ms"] / 1e3)
+                    res.update(bytes_per_read=fwd_bytes_per_read, fraction_per_read=per_read / copy_bps)
+                rows.append(dict(common, phase=phase, lib=lib, **res))
+                print(f"{config:9s} {prec:8s} {phase:12s} {dist:8s} {lib:12s} {res['median_ms']:10.3f} ms "
+                      f"{res['gbps']:9.2f} GB/s  {res['fraction_of_copy']:.2%} of copy")
         gc.collect()
     return rows
 
@@ -309,7 +376,7 @@ def add_ratios(rows):
     """``time_vs_X`` = our median / X's (lower is better), ``speedup_vs_X`` its inverse;
     X = ``torch`` (our torch backend, same phase) and ``030`` (product-key-memory 0.3.0)."""
     def medians(lib):
-        return {(r["config"], r["precision"], r["phase"]): r["median_ms"] for r in rows
+        return {(r["config"], r["precision"], r["phase"], r.get("distribution")): r["median_ms"] for r in rows
                 if r["lib"] == lib and "median_ms" in r}
 
     peaks = {(r["config"], r["precision"]): r["peak_mib"] for r in rows if r["lib"] == "0.3.0" and "peak_mib" in r}
@@ -318,7 +385,7 @@ def add_ratios(rows):
         for r in rows:
             if r["lib"] in ("0.3.0", lib) or "median_ms" not in r:
                 continue
-            t = base.get((r["config"], r["precision"], phase_map.get(r["phase"], r["phase"])))
+            t = base.get((r["config"], r["precision"], phase_map.get(r["phase"], r["phase"]), r.get("distribution")))
             if t:
                 r[f"time_vs_{tag}"] = r["median_ms"] / t
                 r[f"speedup_vs_{tag}"] = t / r["median_ms"]
@@ -328,16 +395,21 @@ def add_ratios(rows):
             r["memory_vs_030"] = r["peak_mib"] / p
 
 
+def label(r) -> str:
+    """A row's phase, with its read distribution for the read kernels."""
+    return f"{r['phase']} {r['distribution']}" if r.get("distribution") else r["phase"]
+
+
 def print_ratios(rows):
     """Speedups of each of our rows over the torch backend and over 0.3.0 (x: times faster)."""
     peer_failed = {(r["config"], r["precision"]) for r in rows if r["lib"] == "0.3.0" and "error" in r}
-    print(f"\n{'config':9s} {'prec':8s} {'phase':12s} {'lib':12s} {'ms':>10s} {'vs torch':>9s} {'vs 0.3.0':>11s}")
+    print(f"\n{'config':9s} {'prec':8s} {'phase':20s} {'lib':12s} {'ms':>10s} {'vs torch':>9s} {'vs 0.3.0':>11s}")
     for r in rows:
-        if r["lib"] == "0.3.0" or r["phase"] == "agreement":
+        if r["lib"] == "0.3.0" or r["phase"].endswith("agreement"):
             continue
         if "peak_mib" in r:
             vs = f"{r['memory_vs_030']:.2f}x mem" if "memory_vs_030" in r else "-"
-            print(f"{r['config']:9s} {r['precision']:8s} {r['phase']:12s} {r['lib']:12s} "
+            print(f"{r['config']:9s} {r['precision']:8s} {label(r):20s} {r['lib']:12s} "
                   f"{r['peak_mib']:7.1f}MiB {'':>9s} {vs:>11s}")
             continue
         if "median_ms" not in r:
@@ -346,8 +418,32 @@ def print_ratios(rows):
         vp = f"{r['speedup_vs_030']:.2f}x" if "speedup_vs_030" in r else "-"
         if (r["config"], r["precision"]) in peer_failed and "speedup_vs_030" not in r:
             vp = "0.3.0 fails"
-        print(f"{r['config']:9s} {r['precision']:8s} {r['phase']:12s} {r['lib']:12s} {r['median_ms']:10.3f} "
+        print(f"{r['config']:9s} {r['precision']:8s} {label(r):20s} {r['lib']:12s} {r['median_ms']:10.3f} "
               f"{vt:>9s} {vp:>11s}")
+
+
+def merge(paths, out: Path) -> dict:
+    """One results file from several runs' (e.g. one per configuration, as ``gpu_check.sh`` runs
+    them): rows and configurations joined, the rest taken from the first; a missing or unreadable
+    file is named in ``missing``."""
+    merged, missing = None, []
+    for path in paths:
+        try:
+            res = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            missing.append(f"{path}: {type(e).__name__}: {e}")
+            continue
+        if merged is None:
+            merged = dict(res, rows=[], configs={}, runs=[])
+        merged["rows"] += res["rows"]
+        merged["configs"].update(res["configs"])
+        merged["runs"].append(dict(file=Path(path).name, complete=res.get("complete", True)))
+    merged = merged or dict(rows=[], configs={}, runs=[])
+    merged["missing"] = missing
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=2))
+    print(f"merged {len(paths) - len(missing)} of {len(paths)} runs into {out}" + "".join(f"\n  missing {m}" for m in missing))
+    return merged
 
 
 def main(argv=None):
@@ -364,7 +460,19 @@ def main(argv=None):
                              "(None: PKM_PEER_WHEEL, else .cache/peer, else pip download)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file (None: benchmarks/results/bench_gpu.json, bench_gpu_smoke.json with --smoke)")
+    parser.add_argument("--parts", nargs="+", default=["layer", "reads"], choices=["layer", "reads"],
+                        help="the whole layer's phases, the value-read kernels alone, or both")
+    parser.add_argument("--reads", nargs="+", default=list(READ_DISTRIBUTIONS), choices=list(READ_DISTRIBUTIONS),
+                        help="slot distributions of the value-read timings")
+    parser.add_argument("--zipf-s", type=float, default=1.0, help="the Zipf exponent of --reads zipf")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                        help="only join these runs' JSON files into --out (no timing)")
     args = parser.parse_args(argv)
+    if args.merge:
+        if args.out is None:
+            parser.error("--merge needs --out")
+        merge(args.merge, args.out)
+        return
 
     if args.smoke:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -383,23 +491,31 @@ def main(argv=None):
     copy_bps = copy_bandwidth(device, timer, copy_bytes)
     print(f"device: {name}; copy bandwidth {copy_bps / 1e9:.1f} GB/s")
 
-    rows = []
-    for config in args.configs:
-        spec = configs[config]
-        for precision in PRECISIONS:
-            rows += bench_layer(config, spec, layer, decode_shape, precision, device, timer, peer)
-        rows += bench_reads(config, spec, layer, device, timer, copy_bps)
-    add_ratios(rows)
-    print_ratios(rows)
-    results = dict(
-        device=name, smoke=args.smoke, torch=torch.__version__, copy_gbps=copy_bps / 1e9,
-        layer=layer, configs={k: configs[k] for k in args.configs}, decode_shape=decode_shape,
-        repeats=args.repeats, warmup=args.warmup, peer=None if peer is None else "product-key-memory 0.3.0",
-        rows=rows,
-    )
     out = args.out or ROOT / "benchmarks" / "results" / ("bench_gpu_smoke.json" if args.smoke else "bench_gpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    rows = []
+
+    def write(complete: bool):  # after every part too, so a run stopped by a time limit leaves what it measured
+        results = dict(
+            device=name, smoke=args.smoke, torch=torch.__version__, triton=triton_version(), copy_gbps=copy_bps / 1e9,
+            layer=layer, configs={k: configs[k] for k in args.configs}, decode_shape=decode_shape,
+            repeats=args.repeats, warmup=args.warmup, peer=None if peer is None else "product-key-memory 0.3.0",
+            parts=args.parts, reads=args.reads, zipf_s=args.zipf_s, complete=complete, rows=rows,
+        )
+        out.write_text(json.dumps(results, indent=2))
+
+    for config in args.configs:
+        spec = configs[config]
+        if "layer" in args.parts:
+            for precision in PRECISIONS:
+                rows += bench_layer(config, spec, layer, decode_shape, precision, device, timer, peer)
+                write(False)
+        if "reads" in args.parts:
+            rows += bench_reads(config, spec, layer, device, timer, copy_bps, args.reads, args.zipf_s)
+            write(False)
+    add_ratios(rows)
+    print_ratios(rows)
+    write(True)
     print(f"wrote {out}")
 
 
