@@ -18,7 +18,10 @@ test process sets it; so :func:`build_in_child` builds in a fresh Python process
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import importlib
+import multiprocessing
 import json
 import os
 import re
@@ -170,18 +173,36 @@ def build(case, cc: int, keep_ptx: bool = False) -> dict:
     return rec
 
 
-def build_op(op: str, ccs: Sequence[int] = DEFAULT_CCS) -> List[dict]:
-    """Every case of ``ops/<op>/triton_impl.py``'s ``compile_cases()`` for every ``cc``; one record with
-    ``missing`` when the module defines none."""
-    module = importlib.import_module(f"product_key_memory.ops.{op}.triton_impl")
+def _module_name(op: str) -> str:
+    """``op`` names a folder of ``ops/``, or (with a dot) any importable module."""
+    return op if "." in op else f"product_key_memory.ops.{op}.triton_impl"
+
+
+@functools.lru_cache(maxsize=None)
+def _cases(op: str):
+    """``ops/<op>/triton_impl.py``'s ``compile_cases()``, or ``None`` when it defines none."""
+    module = importlib.import_module(_module_name(op))
     cases_fn = getattr(module, "compile_cases", None)
-    if cases_fn is None:
-        return [dict(op=op, missing=f"product_key_memory/ops/{op}/triton_impl.py defines no compile_cases()")]
-    records = []
-    for case in cases_fn():
-        for cc in ccs:
-            records.append(dict(op=op, **build(case, cc)))
-    return records
+    return None if cases_fn is None else tuple(cases_fn())
+
+
+def _build_one(job) -> dict:
+    op, i, cc = job
+    return dict(op=op, **build(_cases(op)[i], cc))
+
+
+def build_op(op: str, ccs: Sequence[int] = DEFAULT_CCS, jobs: int = 1) -> List[dict]:
+    """Every case of ``ops/<op>/triton_impl.py``'s ``compile_cases()`` for every ``cc`` (on ``jobs``
+    forked processes); one record with ``missing`` when the module defines none."""
+    cases = _cases(op)
+    if cases is None:
+        return [dict(op=op, missing=f"{_module_name(op)} defines no compile_cases()")]
+    work = [(op, i, cc) for i in range(len(cases)) for cc in ccs]
+    if jobs <= 1 or len(work) < 2:
+        return [_build_one(job) for job in work]
+    ctx = multiprocessing.get_context("fork")  # the workers inherit the imported cases; kernels never pickle
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        return list(pool.map(_build_one, work))
 
 
 def build_in_child(ops: Optional[Sequence[str]] = None, ccs: Sequence[int] = DEFAULT_CCS,
@@ -190,6 +211,7 @@ def build_in_child(ops: Optional[Sequence[str]] = None, ccs: Sequence[int] = DEF
     path. Returns ``{"unavailable": reason}`` where Triton cannot build for CUDA here, else
     ``{"triton": version, "records": [...]}``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what a launch gets; silences Triton 3.9's warning
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     cmd = [sys.executable, "-m", "product_key_memory.ops._compile", "--cc", *map(str, ccs)]
     if ops:
@@ -223,8 +245,10 @@ def markdown(records: Sequence[dict]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ops", nargs="+", default=None, help="ops to build (default: every ops/<op>/triton_impl.py)")
+    parser.add_argument("--ops", nargs="+", default=None,
+                        help="ops to build (default: every ops/<op>/triton_impl.py); a dotted name is a module")
     parser.add_argument("--cc", nargs="+", type=int, default=list(DEFAULT_CCS), help="compute capabilities")
+    parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="builds at a time")
     args = parser.parse_args(argv)
     reason = available()
     if reason is not None:
@@ -234,7 +258,7 @@ def main(argv=None) -> None:
 
     records = []
     for op in args.ops or triton_ops():
-        records += build_op(op, args.cc)
+        records += build_op(op, args.cc, args.jobs)
         for r in records:
             if r["op"] == op:  # progress on stderr; the JSON answer is stdout's last line
                 print(json.dumps({k: r.get(k) for k in FIELDS if k in r} | {"missing": r.get("missing")}),

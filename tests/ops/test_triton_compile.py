@@ -26,3 +26,17 @@ def test_every_variant_builds_for_sm90_and_sm80_without_spills_at_defaults(op):
                f"{r['spill_stores']} B spill stores, {r['spill_loads']} B spill loads"
                for r in recs if r["default"] and (r["spill_stores"] or r["spill_loads"])]
     assert not spilled, f"{op}: default configurations spill registers:\n" + "\n".join(spilled) + "\n" + table
+
+
+def test_harness_reports_spills_and_build_errors():
+    """The harness on a kernel made to spill, and on a case that cannot build (sm_90 only)."""
+    pytest.importorskip("triton")
+    result = _compile.build_in_child(["tests.ops._compile_fixture"], ccs=(90,), timeout=600)
+    if "unavailable" in result:
+        pytest.skip(f"Triton cannot build kernels for CUDA here: {result['unavailable']}")
+    recs = {r["case"]: r for r in result["records"]}
+    fits, spills, bad = recs["fits"], recs["spills"], recs["bad signature"]
+    assert fits["error"] is None and fits["spill_stores"] == fits["spill_loads"] == 0 and fits["registers"] > 0
+    assert spills["error"] is None and spills["spill_stores"] > 0 and spills["spill_loads"] > 0, spills
+    assert "z_ptr" in bad["error"], bad
+    assert "| spills |" in _compile.markdown(result["records"])
