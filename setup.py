@@ -21,12 +21,14 @@ setup(
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.7", "triton", "faiss-cpu>=1.7",
                  "transformers>=4.40", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1",
-                 "PEER-pytorch==0.2.2"],
+                 "PEER-pytorch==0.2.2", "mkdocs>=1.6", "mkdocstrings[python]>=0.27"],
         "plot": ["matplotlib>=3.7"],
         "examples": ["tqdm>=4.60", "matplotlib>=3.7"],
         "hf": ["transformers>=4.40"],
         "faiss": ["faiss-cpu>=1.7"],
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
+        # the documentation site (mkdocs.yml): mkdocs build --strict
+        "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.27"],
     },
     classifiers=[
         "Development Status :: 4 - Beta",

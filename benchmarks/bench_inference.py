@@ -93,6 +93,34 @@ def table_mib(fmt: str, num_slots: int, dim: int) -> float:
     return num_slots * row_bytes(name, dim) / 2**20
 
 
+def summary_table(results) -> str:
+    """The docs' table: per format its size, its error against float32 and the 0.3.0 / ours ratios."""
+    names = {"fp32": ("float32", "`4 dim`"), "bf16": ("bfloat16", "`2 dim`"), "fp16": ("float16", "`2 dim`"),
+             "int8": ("int8", "`dim + 8`"), "int4": ("int4", "`dim / 2 + 4`")}
+    rows = results["rows"]
+    threads = sorted({r["threads"] for r in rows if "threads" in r})
+    ratio = {(r["fmt"], r["kind"], r["threads"]): f"{r['ratio']:.2f}x" for r in rows if r["kind"] != "accuracy"}
+    per_threads = " / ".join(str(t) for t in threads)
+    lines = [f"| format | bytes per row | README table | 1M x 1024 table | output error (mean \\|err\\| / mean \\|out\\|) "
+             f"| forward, {per_threads} threads | decode step, {per_threads} threads |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in (r for r in rows if r["kind"] == "accuracy"):
+        name, size = names.get(r["fmt"], (r["fmt"], ""))
+        error = "0" if r["out_mean"] == 0 else f"{r['out_mean']:.1e}"
+        fwd = " / ".join(ratio.get((r["fmt"], "forward (1,1024)", t), "-") for t in threads)
+        dec = " / ".join(ratio.get((r["fmt"], "decode (1,1)", t), "-") for t in threads)
+        lines.append(f"| {name} | {size} | {r['table_mib']:.1f} MiB | {r['table_mib_1m_1024']:,.0f} MiB | {error} "
+                     f"| {fwd} | {dec} |")
+    return "\n".join(lines) + "\n"
+
+
+def render(json_path: Path) -> Path:
+    """Write the docs' table (``.md`` beside the JSON) from committed results, without running anything."""
+    out = json_path.with_suffix(".md")
+    out.write_text(summary_table(json.loads(json_path.read_text())))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -103,7 +131,12 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (the median is kept)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_inference.json",
                    help="JSON file of the results")
+    p.add_argument("--render", action="store_true",
+                   help="only write the docs' markdown table (--out with .md) from the committed JSON; runs nothing")
     args = p.parse_args(argv)
+    if args.render:
+        print(f"wrote {render(args.out)}")
+        return
     layers, theirs = build(args.num_keys)
     slots = args.num_keys**2
     shapes = {"forward (1,1024)": (1, 1024, 512), "decode (1,1)": (1, 1, 512)}
@@ -135,7 +168,7 @@ def main(argv=None):
     meta = dict(torch=torch.__version__, cpu_count=os.cpu_count(), loadavg=os.getloadavg(), num_keys=args.num_keys,
                 repeats=args.repeats, time_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
     args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} and {render(args.out)}")
 
 
 if __name__ == "__main__":

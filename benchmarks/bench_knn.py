@@ -19,6 +19,8 @@ joblib cloudpickle einops-exts`` (its wheel asks for faiss-gpu); without it only
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
 import statistics
 import sys
@@ -85,6 +87,25 @@ def bench(name, memory, fill: torch.Tensor, steps: list, queries: torch.Tensor, 
     return {"name": name, "times": times, "recall": recall(key_values, mask, all_memories, queries)}
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def summary_table(results: dict) -> str:
+    """The docs' table from the JSON this script writes: one row per size and library."""
+    lines = ["| memories | library | add + search | recall | peer / this |", "| ---: | --- | ---: | ---: | ---: |"]
+    for r in results["rows"]:
+        ratio = "-" if r["peer_over_this"] is None else f"{r['peer_over_this']:.1f}x"
+        lines.append(f"| {r['memories']:,} | {r['library']} | {r['median_ms']:,.0f} ms | {r['recall']:.3f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def render(json_path: Path) -> Path:
+    """Write the docs' table (``.md`` beside the JSON) from committed results, without running anything."""
+    out = json_path.with_suffix(".md")
+    out.write_text(summary_table(json.loads(json_path.read_text())))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -94,7 +115,14 @@ def main(argv=None):
     p.add_argument("--no-faiss", action="store_true", help="skip our faiss backend")
     p.add_argument("--threads", type=int, default=None,
                    help="threads of torch and of Faiss (both libraries get the same; default: torch's)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_knn.json",
+                   help="JSON file of the results (and its markdown table beside it)")
+    p.add_argument("--render", action="store_true",
+                   help="only write the docs' markdown table (--out with .md) from the committed JSON; runs nothing")
     args = p.parse_args(argv)
+    if args.render:
+        print(f"wrote {render(args.out)}")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -112,6 +140,7 @@ def main(argv=None):
     print(f"GEMM peak of this process: {gemm_peak:.0f} GFLOP/s (float32 2048^3 matmul)")
     print("| memories | library | add+search median (ms) | min-max (ms) | recall | peer / this |")
     print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    rows = []
     for size in args.sizes:
         g = torch.Generator().manual_seed(size)
         fill = memories_with_ids(0, size, g)
@@ -143,6 +172,15 @@ def main(argv=None):
             ratio = f"{peer_median / med:.1f}x" if peer_median is not None else "-"
             print(f"| {size:,} | {run['name']} | {med * 1e3:.1f} | {min(run['times']) * 1e3:.1f}-"
                   f"{max(run['times']) * 1e3:.1f} | {run['recall']:.3f} | {ratio} |", flush=True)
+            rows.append(dict(memories=size, library=run["name"], median_ms=med * 1e3, min_ms=min(run["times"]) * 1e3,
+                             max_ms=max(run["times"]) * 1e3, recall=run["recall"],
+                             peer_over_this=None if peer_median is None else peer_median / med))
+    meta = dict(torch=torch.__version__, machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+                threads=torch.get_num_threads(), repeats=args.repeats, gemm_gflops=gemm_peak,
+                command="python benchmarks/bench_knn.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+    print(f"wrote {args.out} and {render(args.out)}")
 
 
 if __name__ == "__main__":

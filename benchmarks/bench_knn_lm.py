@@ -201,6 +201,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render(json_path: Path) -> Path:
+    """Write the docs' table (``.md`` beside the JSON) from committed results, without running anything."""
+    out = json_path.with_suffix(".md")
+    out.write_text(table(json.loads(json_path.read_text())["rows"]) + "\n")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -215,7 +222,12 @@ def main(argv=None):
     p.add_argument("--ours", nargs="+", default=["default"],
                    help="our memories to measure: 'default' (the defaults), 'exact', 'ivf', 'ivf:ivf_nprobe=16', ...")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_knn_lm.json"), help="JSON results")
+    p.add_argument("--render", action="store_true",
+                   help="only write the docs' markdown table (--out with .md) from the committed JSON; runs nothing")
     args = p.parse_args(argv)
+    if args.render:
+        print(f"wrote {render(Path(args.out))}")
+        return
     if args.quick:
         args.sizes, args.dims, args.threads, args.repeats, args.depth, args.layer = [1024], [64], [1], 1, 2, 2
     peer_cls = None if args.no_peer else load_peer()
@@ -235,6 +247,8 @@ def main(argv=None):
                     meta["loadavg_after"] = os.getloadavg()
                     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(table(rows))
+    if args.out:
+        print(f"wrote {args.out} and {render(Path(args.out))}")
     return rows
 
 

@@ -137,6 +137,27 @@ def run(args) -> dict:
     return results
 
 
+def summary_table(results: dict) -> str:
+    """The docs' table: a training step's medians of both libraries and their ratio, per gate and token count."""
+    gates = {"softmax": "softmax ({k})", "default": "ReLU, 0.2.2 default (1)"}
+    k = SIZES["num_experts_per_head"]
+    lines = ["| gates (experts kept per head) | tokens | step, ours | step, PEER-pytorch | ratio |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, row in results.items():
+        config = name.split("/")[0]
+        ms = row["step"]["ms"]
+        lines.append(f"| {gates.get(config, config).format(k=k)} | {row['tokens']} | {ms['ours']['median']:.0f} ms "
+                     f"| {ms['PEER-pytorch']['median']:.0f} ms | {row['step']['ratio_median']:.1f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def render(json_path: Path) -> Path:
+    """Write the docs' table (``.md`` beside the JSON) from committed results, without running anything."""
+    out = json_path.with_suffix(".md")
+    out.write_text(summary_table(json.loads(json_path.read_text())["results"]))
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -149,7 +170,12 @@ def main(argv=None):
                         help="experts kept per head: softmax (16) or default (PEER-pytorch's one)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_peer.json",
                         help="JSON file of the results")
+    parser.add_argument("--render", action="store_true",
+                        help="only write the docs' markdown table (--out with .md) from the committed JSON; runs nothing")
     args = parser.parse_args(argv)
+    if args.render:
+        print(f"wrote {render(args.out)}")
+        return
     if args.quick:
         args.repeats = 3
     import PEER_pytorch  # noqa: F401  (pip install PEER-pytorch==0.2.2)
@@ -164,7 +190,7 @@ def main(argv=None):
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} and {render(args.out)}")
 
 
 if __name__ == "__main__":

@@ -418,6 +418,47 @@ def markdown_table(results) -> str:
     return "\n".join(lines)
 
 
+def _mib(mib: float) -> str:
+    return f"{mib / 1024:.1f} GiB" if mib >= 1024 else f"{mib:.0f} MiB"
+
+
+def summary_table(results) -> str:
+    """The docs' table: one row per layer and thread count, the 0.3.0 / ours ratio per phase."""
+    layers = {"readme": "README layer (65,536 slots)", "keys1024": "`num_keys = 1024` (1M slots)",
+              "decode": "decoding step (README layer)"}
+    phases = ("forward", "fwd+bwd", "fwd+bwd dense", "step")
+    cells, peaks = {}, {}
+    for row in results["rows"]:
+        key = (row["config"], row["threads"])
+        if row["phase"] == "step peak RSS growth":
+            peaks[key] = f"{_mib(row['ours']['peak_growth_mib'])} vs {_mib(row['peer']['peak_growth_mib'])}"
+        else:
+            cells.setdefault(key, {})[row["phase"]] = f"{row['ratio']:.2f}x"
+    lines = ["| layer | threads | forward | fwd+bwd | fwd+bwd, dense | step | peak memory of a step (ours vs 0.3.0) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for config, name in layers.items():
+        keys = sorted(k for k in cells if k[0] == config)
+        for i, key in enumerate(keys):
+            got = cells[key]
+            label = name if i == 0 else ""
+            lines.append(f"| {label} | {key[1]} | " + " | ".join(got.get(ph, "") for ph in phases)
+                         + f" | {peaks.get(key, '')} |")
+        compiled_rows = [(k[1], cells[k]["forward compiled"]) for k in keys if "forward compiled" in cells[k]]
+        for i, (threads, ratio) in enumerate(compiled_rows):
+            label = "decoding step, `torch.compile` (inductor)" if i == 0 else ""
+            lines.append(f"| {label} | {threads} | {ratio} | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def render(json_path: Path) -> Path:
+    """Write the docs' table (``.md`` beside the JSON) from committed results, without running anything."""
+    results = json.loads(json_path.read_text())
+    table = sweep_table(results) + "\n" if json_path.name == "bench_pkm_sweep.json" else summary_table(results)
+    out = json_path.with_suffix(".md")
+    out.write_text(table)
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -438,8 +479,13 @@ def main(argv=None):
     parser.add_argument("--points", type=int, nargs="+", default=None,
                         help="with --sweep: only these points, numbered as --list-points prints them")
     parser.add_argument("--list-points", action="store_true", help="print the numbered sweep points and exit")
+    parser.add_argument("--render", action="store_true",
+                        help="only write the docs' markdown table (--out with .md) from the committed JSON; runs nothing")
     parser.add_argument("--_memory-child", nargs=3, metavar=("LIB", "CONFIG", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.render:
+        print(f"wrote {render(args.out)}")
+        return
     if args._memory_child:
         lib, config, threads = args._memory_child
         print(json.dumps(memory_child(lib, config, int(threads))))
@@ -477,7 +523,7 @@ def main(argv=None):
     print(markdown_table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {args.out} and {render(args.out)}")
 
 
 if __name__ == "__main__":
