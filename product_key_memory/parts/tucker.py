@@ -157,7 +157,8 @@ class TuckerKeys(nn.Module):
         return torch.cat([s.topk(m, dim=-1).indices, s.topk(m, dim=-1, largest=False).indices], dim=-1)
 
     def forward(self, queries: Tensor) -> Tuple[Tensor, Tensor]:
-        """Queries ``(..., heads, 2, dim_head)`` -> ``scores`` ``(..., heads, topk, cores)``, ``slots`` ``(..., heads, topk)``."""
+        """Queries ``(..., heads, 2, dim_head)`` -> ``scores`` ``(..., heads, topk, cores)``,
+        ``slots`` ``(..., heads, topk)``."""
         lead, H, r = queries.shape[:-3], self.heads, self.rank
         q = queries.reshape(-1, H, 2, self.dim_head)  # (N, H, 2, d)
         keys = self.key_norm(self.keys)  # (H, 2, r, K, d)

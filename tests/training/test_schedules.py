@@ -39,7 +39,7 @@ def test_scheduler_scales_only_the_value_group():
     (dict(max_steps=10, decay_fraction=-1), "decay_fraction"), (dict(max_steps=10, value_groups=(5,)), "value_groups"),
 ])
 def test_arguments_are_checked(kwargs, match):
-    opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.ones(1))]}, {"params": [torch.nn.Parameter(torch.ones(1))]}], lr=1.0)
+    opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.ones(1))]} for _ in range(2)], lr=1.0)
     with pytest.raises(ValueError, match=match):
         value_lr_scheduler(opt, **kwargs)
     with pytest.raises(ValueError, match="step"):
