@@ -158,3 +158,18 @@ def test_arguments_are_checked(kwargs, match):
         UltraMem(kwargs.pop("dim"), **kwargs)
     with pytest.raises(ValueError, match="last dim"):
         _layer()(torch.randn(2, DIM + 1, dtype=torch.float64))
+
+
+@pytest.mark.slow  # generated C++ for forward and backward: about a minute on a shared 2-core CPU
+def test_compile_inductor_fullgraph_training_step_matches_eager():
+    layer = _layer(dtype=torch.float32, rank=2)
+    compiled = torch.compile(layer, fullgraph=True)  # the default backend
+    x = torch.randn(2, 7, DIM)
+    results = []
+    for fn in (layer, compiled):
+        layer.zero_grad()
+        out = fn(x)
+        out.square().sum().backward()
+        results.append([("output", out.detach())] + [(n, p.grad.clone()) for n, p in layer.named_parameters()])
+    for (name, want), (_, got) in zip(*results):
+        assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item(), msg=f"inductor: {name}")
