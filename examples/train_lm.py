@@ -169,7 +169,7 @@ def usage_tracker(model):
         from product_key_memory import MemoryUsageTracker
     except ImportError:
         return None
-    return MemoryUsageTracker(model) if any(isinstance(m, (PKM, PEER)) for m in model.modules()) else None
+    return MemoryUsageTracker(model) if any(isinstance(m, (PKM, PEER, UltraMem)) for m in model.modules()) else None
 
 
 # -------------------------------------------------------------------------------- training
@@ -246,7 +246,7 @@ def train(name, model, train_data, val_batches, args):
 
 def print_usage(name, r, out_dir: Path):
     if r["tracker"] is None:
-        if any(isinstance(m, (PKM, PEER)) for m in r["model"].modules()):
+        if any(isinstance(m, (PKM, PEER, UltraMem)) for m in r["model"].modules()):
             print("memory-usage statistics: this version of product_key_memory has no MemoryUsageTracker (skipped)")
         return
     print(f"memory usage of the {name} model's PKM layers on the validation batches:")

@@ -38,7 +38,8 @@ class UltraMem(nn.Module):
     4. ``values``: an :class:`~product_key_memory.tables.ive.ImplicitValues` (IVE): the ``num_keys ** 2``
        virtual slots are ``num_keys ** 2 // value_expansion`` stored rows, each seen through one of
        ``value_expansion`` projections; a row is cut into ``cores`` pieces, piece ``c`` weighted by core
-       ``c``'s score (``ultramem_layer.py:241, 261-262``). Every head's reads are summed.
+       ``c``'s score (``ultramem_layer.py:241, 261-262``; the table's slot ``s * cores + c`` is piece ``c``
+       of virtual slot ``s``). Every head's reads are summed.
 
     The auxiliary loss on the cores (:meth:`aux_loss`, ``ultramem_layer.py:152``) depends on the
     parameters only: add ``coef * layer.aux_loss()`` (or :func:`ultramem_aux_loss` of the model) to the
@@ -141,7 +142,9 @@ class UltraMem(nn.Module):
         queries = self.query_norm(self.to_queries(x).view(-1, heads, 2, self.dim_key))  # (N, H, 2, dk)
         scores, slots = self.keys(queries)  # (N, H, k, C), (N, H, k)
         weights = self.scoring(scores.transpose(-1, -2)).transpose(-1, -2)  # over each core's k slots, fp32
-        out = self.values(slots.reshape(-1, heads * k), weights.reshape(-1, heads * k, weights.shape[-1]))
+        cores = weights.shape[-1]
+        pieces = slots.unsqueeze(-1) * cores + torch.arange(cores, device=slots.device)  # piece c of each slot
+        out = self.values(pieces.reshape(-1, heads * k * cores), weights.reshape(-1, heads * k * cores))
         return out.view(*lead, self.dim)
 
     def extra_repr(self) -> str:

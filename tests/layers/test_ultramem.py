@@ -44,8 +44,8 @@ def reference_ultramem(layer: UltraMem, x):
         scores = scores.softmax(-2)
     iv = layer.values  # the virtual table, (K*K, C, dim): slot s, piece c = W_g (row with only piece c kept)
     p = iv.mapping
-    row, group = (p % iv.rows + iv.offset) % iv.values.num_slots, p // iv.rows
-    pieces = iv.values.weight[row].unflatten(-1, (tk.cores, -1))  # (K*K, C, vd/C)
+    row, group = (p % iv.rows + iv.offset) % iv.store.num_slots, p // iv.rows
+    pieces = iv.store.weight[row].unflatten(-1, (tk.cores, -1))  # (K*K, C, vd/C)
     w = iv.proj.weight.unflatten(-1, (iv.expansion, tk.cores, -1))[:, group]  # (dim, K*K, C, vd/C)
     table = torch.einsum("dscv,scv->scd", w, pieces)
     return torch.einsum("...hkc,...hkcd->...d", scores, table[slots])
@@ -71,7 +71,7 @@ def test_gradcheck_float64():
     layer = UltraMem(4, heads=1, num_keys=4, topk=2, rank=2, cores=2, value_expansion=2, value_dim=2,
                      dtype=torch.float64)
     x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
-    params = (x, layer.to_queries.weight, layer.keys.keys, layer.keys.core, layer.values.values.weight,
+    params = (x, layer.to_queries.weight, layer.keys.keys, layer.keys.core, layer.values.store.weight,
               layer.values.proj.weight)
     assert torch.autograd.gradcheck(lambda *_: layer(x), params, eps=1e-6, atol=1e-5, fast_mode=True)
 
@@ -92,7 +92,7 @@ def test_parts_are_called_through_the_module_tree():
             module.register_forward_hook(lambda m, a, o, name=name: called.append(name))
     layer(torch.randn(2, DIM, dtype=torch.float64))
     assert set(called) == {"to_queries", "query_norm", "keys", "keys.key_norm", "scoring", "values",
-                           "values.values", "values.proj"}
+                           "values.store", "values.proj"}
 
 
 def test_aux_loss_and_value_learning_rate_in_a_training_step():
@@ -101,11 +101,11 @@ def test_aux_loss_and_value_learning_rate_in_a_training_step():
     assert_close(aux, model[0].aux_loss() + model[1].aux_loss())
     opt = build_optimizer(model, lr=1e-3, pkm_learning_rate=1e-3)
     values, rest = opt.param_groups[1]["params"], opt.param_groups[0]["params"]
-    assert {id(p) for p in values} == {id(m.values.values.weight) for m in model}, "only the rows at the value lr"
+    assert {id(p) for p in values} == {id(m.values.store.weight) for m in model}, "only the rows at the value lr"
     assert all(any(p is q for q in rest) for m in model for p in (m.values.proj.weight, m.keys.core))
     sched = value_lr_scheduler(opt, max_steps=10)
     (model(torch.randn(4, DIM, dtype=torch.float64)).square().mean() + 0.1 * aux).backward()
-    assert model[0].values.values.weight.grad.is_sparse
+    assert model[0].values.store.weight.grad.is_sparse
     assert model[0].keys.core.grad is not None
     opt.step()
     sched.step()
@@ -117,7 +117,7 @@ def test_layers_share_one_pool_at_offsets():
     pool = EmbeddingValues(2 * rows, 8, dtype=torch.float64)
     a, b = (UltraMem(DIM, num_keys=NUM_KEYS, topk=TOPK, values=pool, value_offset=i * rows, dtype=torch.float64)
             for i in range(2))
-    assert a.values.values is b.values.values is pool
+    assert a.values.store is b.values.store is pool
     model = torch.nn.Sequential(a, b)
     assert sum(p is pool.weight for g in fetch_optimizer_parameters(model) for p in g["params"]) == 1
     x = torch.randn(3, DIM, dtype=torch.float64)
@@ -173,3 +173,21 @@ def test_compile_inductor_fullgraph_training_step_matches_eager():
         results.append([("output", out.detach())] + [(n, p.grad.clone()) for n, p in layer.named_parameters()])
     for (name, want), (_, got) in zip(*results):
         assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item(), msg=f"inductor: {name}")
+
+
+def test_usage_tracker_counts_the_pieces_and_the_stored_rows():
+    from product_key_memory import MemoryUsageTracker
+
+    layer = _layer(dtype=torch.float32)
+    model = torch.nn.ModuleDict(dict(mem=layer))
+    x = torch.randn(6, DIM)
+    with MemoryUsageTracker(model) as tracker:
+        layer(x)
+    queries = layer.query_norm(layer.to_queries(x).view(-1, HEADS, 2, layer.dim_key))
+    slots = layer.keys(queries)[1]  # (6, H, k)
+    pieces = (slots.unsqueeze(-1) * 2 + torch.arange(2)).flatten()  # table slot s * cores + c
+    reads = tracker.counts("mem")["reads"]
+    assert torch.equal(reads, torch.bincount(pieces, minlength=NUM_KEYS**2 * 2).to(reads.dtype))
+    rows, _ = layer.values.physical(slots.flatten())
+    stored = tracker.counts("mem.values.store")["reads"]
+    assert torch.equal(stored, torch.bincount(rows.repeat_interleave(2), minlength=len(stored)).to(stored.dtype))

@@ -265,7 +265,7 @@ def test_ultramem_blocks_train_with_their_aux_loss():
     (model.loss(torch.randint(0, 64, (2, 17))) + 1e-3 * ultramem_aux_loss(model)).backward()
     opt.step()
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    for name in ("blocks.2.ff.values.values.weight", "blocks.2.ff.values.proj.weight", "blocks.2.ff.keys.core"):
+    for name in ("blocks.2.ff.values.store.weight", "blocks.2.ff.values.proj.weight", "blocks.2.ff.keys.core"):
         assert name in moved, name
 
 
