@@ -144,6 +144,12 @@ class ImplicitValues(ValueTable):
         grouped = torch.einsum("...mec,...mcd->...ecd", at, rows)  # (..., E, C, vd/C): only piece c of each read
         return self.proj(grouped.flatten(-3))
 
+    def quantized(self, format: str) -> "ImplicitValues":
+        """For :func:`~product_key_memory.quantize_values_`: this table itself, unchanged. The stored rows
+        are its child :attr:`store`, which ``quantize_values_`` quantizes as every table it finds (a pool
+        shared by several layers once); :attr:`proj` stays in float."""
+        return self
+
     def value_parameters(self) -> Iterator[nn.Parameter]:
         """The physical rows' parameters (not :attr:`proj`): these learn at the value learning rate."""
         return self.store.value_parameters()

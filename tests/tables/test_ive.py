@@ -119,3 +119,18 @@ def test_usage_tracker_counts_the_pieces_read():
         table(idx, torch.rand(4, 6) + 0.1)
     reads = tracker.counts("mem")["reads"]
     assert torch.equal(reads, torch.bincount(idx.flatten(), minlength=2 * SLOTS).to(reads.dtype))
+
+
+def test_quantize_values_quantizes_the_shared_rows_once():
+    from product_key_memory import quantize_values_
+    from product_key_memory.tables import QuantizedValues
+
+    pool = EmbeddingValues(2 * SLOTS // EXPANSION, VALUE_DIM)
+    model = torch.nn.ModuleList([ImplicitValues(SLOTS, DIM, expansion=EXPANSION, values=pool, offset=i * 12)
+                                 for i in range(2)])
+    idx, w = torch.randint(0, SLOTS, (4, 3)), torch.randn(4, 3)
+    want = [t(idx, w) for t in model]
+    quantize_values_(model, torch.bfloat16)
+    assert isinstance(model[0].store, QuantizedValues) and model[0].store is model[1].store
+    for t, ref in zip(model, want):
+        assert_close(t(idx, w), ref, rtol=2e-2, atol=2e-2)
