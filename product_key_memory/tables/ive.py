@@ -52,7 +52,7 @@ class ImplicitValues(ValueTable):
         dim: width of the output.
 
     Keyword-only args:
-        expansion: virtual slots per physical row (``value_expand_time``; 4 in the paper).
+        expansion: virtual slots per physical row (``value_expand_time``, 4 by default in ``ultramem_layer.py:74``).
         value_dim: width of a physical row (``values.dim`` when ``values`` is given, else ``dim``).
         chunks: pieces a row is cut into, one weight each.
         values: the physical table (a new :class:`EmbeddingValues` of ``virtual_slots // expansion`` rows,
