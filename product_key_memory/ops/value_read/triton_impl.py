@@ -58,6 +58,18 @@ _BACKWARD_BLOCK_D = 64
 
 
 @triton.jit
+def _cast(x, dtype: tl.constexpr):
+    """fp32 ``x`` in ``dtype``, rounded to nearest even. For bfloat16 the rounding is done on the
+    bits first: Triton's interpreter truncates fp32 -> bf16, the GPU rounds to nearest even, and
+    this makes both give the GPU's result (a no-op change of the value on the GPU)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        up = bits + 0x7FFF + ((bits >> 16) & 1)
+        x = tl.where(x != x, x, (up & 0xFFFF0000).to(tl.float32, bitcast=True))
+    return x.to(dtype)
+
+
+@triton.jit
 def _read_kernel(
     values_ptr, idx_ptr, w_ptr, out_ptr,
     m, D, S,
@@ -83,7 +95,7 @@ def _read_kernel(
             rows = tl.load(values_ptr + base[:, None] + cols[None, :], mask=ok[:, None] & col_ok[None, :],
                            other=0.0).to(tl.float32)
             acc = tl.sum(rows * w[:, None], axis=0)
-            tl.store(out_ptr + bag * D + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+            tl.store(out_ptr + bag * D + cols, _cast(acc, out_ptr.dtype.element_ty), mask=col_ok)
     else:
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + offs_d
@@ -103,7 +115,7 @@ def _read_kernel(
                 rows = tl.load(values_ptr + slot[:, None] * D + cols[None, :], mask=ok[:, None] & col_ok[None, :],
                                other=0.0).to(tl.float32)
                 acc += tl.sum(rows * w[:, None], axis=0)
-            tl.store(out_ptr + bag * D + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+            tl.store(out_ptr + bag * D + cols, _cast(acc, out_ptr.dtype.element_ty), mask=col_ok)
 
 
 def _read_config(m: int, D: int) -> dict:
@@ -209,18 +221,18 @@ def _backward_chunk_kernel(
             contrib = g * coef[:, None]
             total = tl.dot(same, contrib, input_precision="ieee")  # each read's run total within the chunk
             if DENSE:
-                tl.store(out_ptr + slot[:, None] * D + cols[None, :], total.to(out_ptr.dtype.element_ty),
+                tl.store(out_ptr + slot[:, None] * D + cols[None, :], _cast(total, out_ptr.dtype.element_ty),
                          mask=(direct & in_range)[:, None] & col_ok[None, :])
             else:  # one entry per read: the total at a run's first read, zeros elsewhere
                 tl.store(out_ptr + pos[:, None] * D + cols[None, :],
-                         tl.where(direct[:, None], total, 0.0).to(out_ptr.dtype.element_ty),
+                         _cast(tl.where(direct[:, None], total, 0.0), out_ptr.dtype.element_ty),
                          mask=ok[:, None] & col_ok[None, :])
             head_piece = tl.sum(tl.where(in_head[:, None], contrib, 0.0), axis=0)
             tail_piece = tl.sum(tl.where(in_tail[:, None], contrib, 0.0), axis=0)
             tl.store(part_ptr + (2 * c) * D + cols, head_piece, mask=col_ok)
             tl.store(part_ptr + (2 * c + 1) * D + cols, tail_piece, mask=col_ok)
     if NEED_WG:
-        tl.store(gw_ptr + read, dot.to(gw_ptr.dtype.element_ty), mask=ok)
+        tl.store(gw_ptr + read, _cast(dot, gw_ptr.dtype.element_ty), mask=ok)
     if NEED_VG:
         # a whole-chunk run also marks its tail (a zero piece) so the pieces of one run stay consecutive
         tl.store(part_slot_ptr + 2 * c, tl.where(head, first_slot, -1))
@@ -254,7 +266,7 @@ def _backward_border_kernel(
             acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
             for r in range(p, q):
                 acc += tl.load(part_ptr + r * D + cols, mask=col_ok, other=0.0)
-            tl.store(out_ptr + dst * D + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+            tl.store(out_ptr + dst * D + cols, _cast(acc, out_ptr.dtype.element_ty), mask=col_ok)
 
 
 def _backward(
