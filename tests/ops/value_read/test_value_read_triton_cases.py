@@ -172,7 +172,7 @@ def test_wide_bags_take_the_multi_pass_forward(device):
                  **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES[:1])  # on a GPU every backend's bad read is a device-side fault
 @pytest.mark.parametrize("bad", [10, -1])
 def test_out_of_range_slot_raises_like_the_other_backends(device, bad):
     values = torch.randn(10, 4, device=device)
@@ -181,10 +181,6 @@ def test_out_of_range_slot_raises_like_the_other_backends(device, bad):
     for backend in ("torch", "reference"):
         with use_backend(backend), pytest.raises((IndexError, RuntimeError)):
             PF.value_read(values, indices, w)
-            if device == "cuda":
-                torch.cuda.synchronize()
-    if device == "cuda":
-        return  # on a GPU the triton read checks nothing on the host: test_bad_slots_read_as_zero_rows
     with use_backend("triton"), pytest.raises(IndexError, match=r"indices: slot .* outside .*\[0, 10\)"):
         PF.value_read(values, indices, w)
     v = values.clone().requires_grad_()
