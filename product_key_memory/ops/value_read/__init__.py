@@ -140,8 +140,11 @@ def value_read(
     """``(bags, dim)`` weighted sums of rows of ``values`` (see the module docstring).
 
     The gradient of ``values`` touches only the rows read with a non-zero weight that are
-    ``trainable`` (bool ``(num_slots,)``); with ``sparse`` (eager mode) it is a coalesced sparse
-    tensor of just those rows. The weights' gradient comes back in their own dtype.
+    ``trainable`` (bool ``(num_slots,)``); with ``sparse`` (eager mode) it is a sparse tensor of
+    just those rows: coalesced on the torch and reference backends; on the triton backend one entry
+    per read, uncoalesced (a row's repeats hold zeros), so that no size depends on the data and
+    nothing waits for the GPU (``SparseRowAdam`` merges the repeats without a sync; ``coalesce()``
+    gives the compact form at the cost of one). The weights' gradient comes back in their own dtype.
     """
     if torch.compiler.is_exporting() or functorch_active():
         return reference.value_read(values, indices, weights, trainable)

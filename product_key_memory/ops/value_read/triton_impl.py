@@ -17,9 +17,10 @@ run of equal slots with a segmented scan down the chunk (``tl.associative_scan``
 run's row stays in registers; a run wholly inside the chunk is stored straight to the output by
 its last read, with a plain store (each row has one writer: no atomics, deterministic). A run that
 crosses a chunk border leaves its piece in a small fp32 buffer (two pieces per chunk), and a
-second kernel, one program per piece, sums the consecutive pieces of each border run and stores
-the total. In the same pass each read's weight gradient ``dot(grad_out[bag], values[slot])`` is
-stored at the read's position (all reads, padding and frozen rows included).
+second kernel, one program per piece, sums the consecutive pieces of each border run (``BLOCK_P``
+at a time, so a hot slot's hundreds of pieces load in parallel) and stores the total. In the
+chunk pass each read's weight gradient ``dot(grad_out[bag], values[slot])`` is stored at the
+read's position (all reads, padding and frozen rows included).
 
 The dense gradient is one zero-filled table that only those stores touch. The row-sparse
 gradient has a fixed size, one entry per read (so nothing depends on the data's distinct slots):
@@ -116,6 +117,11 @@ def _read_kernel(
                                other=0.0).to(tl.float32)
                 acc += tl.sum(rows * w[:, None], axis=0)
             tl.store(out_ptr + bag * D + cols, _cast(acc, out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def _border_config(D: int) -> dict:
+    """Launch constants of :func:`_backward_border_kernel`: tiles of 16 pieces by up to 128 columns."""
+    return dict(BLOCK_P=16, BLOCK_D=max(16, min(triton.next_power_of_2(D), 128)), num_warps=4)
 
 
 def _read_config(m: int, D: int) -> dict:
@@ -251,30 +257,40 @@ def _backward_chunk_kernel(
 
 @triton.jit
 def _backward_border_kernel(
-    out_ptr, part_ptr, part_slot_ptr, part_pos_ptr, P, D, S,
-    DENSE: tl.constexpr, BLOCK_D: tl.constexpr,
+    out_ptr, part_ptr, part_slot_ptr, part_pos_ptr, group_end_ptr, P, D, S,
+    DENSE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     p = tl.program_id(0).to(tl.int64)
     key = tl.load(part_slot_ptr + p)
     before = tl.load(part_slot_ptr + p - 1, mask=p > 0, other=-1)
     if (key >= 0) & (key != before) & (key < S):  # the first piece of a run that crosses chunk borders
-        q = p + 1
-        k = tl.load(part_slot_ptr + q, mask=q < P, other=-1)
-        while k == key:
-            q += 1
-            k = tl.load(part_slot_ptr + q, mask=q < P, other=-1)
+        q = tl.load(group_end_ptr + p)  # one past its last piece
         if DENSE:
             dst = key
         else:
             dst = tl.load(part_pos_ptr + p)
+        offs_p = tl.arange(0, BLOCK_P)
         offs_d = tl.arange(0, BLOCK_D)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + offs_d
             col_ok = cols < D
             acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            for r in range(p, q):
-                acc += tl.load(part_ptr + r * D + cols, mask=col_ok, other=0.0)
+            for r0 in range(p, q, BLOCK_P):  # BLOCK_P pieces at a time: a hot slot's many pieces load in parallel
+                r = r0 + offs_p
+                acc += tl.sum(tl.load(part_ptr + r[:, None] * D + cols[None, :],
+                                      mask=(r < q)[:, None] & col_ok[None, :], other=0.0), axis=0)
             tl.store(out_ptr + dst * D + cols, _cast(acc, out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def _group_ends(part_slot: Tensor) -> Tensor:
+    """For each border piece, one past the last piece of its run (equal consecutive keys), by a
+    reversed running minimum: fixed sizes, no host sync."""
+    P = part_slot.numel()
+    at = torch.arange(P, device=part_slot.device)
+    starts = torch.ones(P, dtype=torch.bool, device=part_slot.device)
+    starts[1:] = part_slot[1:] != part_slot[:-1]
+    next_start = torch.where(starts, at, P).flip(0).cummin(0).values.flip(0)  # the next start at or after
+    return torch.cat((next_start[1:], next_start.new_full((1,), P)))
 
 
 def _backward(
@@ -332,8 +348,8 @@ def _backward(
         )
         if need_values_grad and chunks > 1:
             _backward_border_kernel[(2 * chunks,)](
-                out, parts, part_slot, part_pos, 2 * chunks, D, S,
-                DENSE=not sparse, BLOCK_D=max(16, min(triton.next_power_of_2(D), 256)), num_warps=4,
+                out, parts, part_slot, part_pos, _group_ends(part_slot), 2 * chunks, D, S,
+                DENSE=not sparse, **_border_config(D),
             )
     elif need_wg:
         grad_weights.zero_()  # D == 0: every dot product is empty
@@ -430,8 +446,8 @@ def compile_cases() -> List[CompileCase]:
     bwd_sig = dict(grad_out_ptr="*fp32", values_ptr="*fp32", w_ptr="*fp32", trainable_ptr="*u8", slots_ptr="*i64",
                    order_ptr="*i64", out_ptr="*fp32", gw_ptr="*fp32", part_ptr="*fp32", part_slot_ptr="*i64",
                    part_pos_ptr="*i64", N="i32", m="i32", D="i32", S="i32", stride_g="i32")
-    border_sig = dict(out_ptr="*fp32", part_ptr="*fp32", part_slot_ptr="*i64", part_pos_ptr="*i64", P="i32",
-                      D="i32", S="i32")
+    border_sig = dict(out_ptr="*fp32", part_ptr="*fp32", part_slot_ptr="*i64", part_pos_ptr="*i64",
+                      group_end_ptr="*i64", P="i32", D="i32", S="i32")
     for name, D, dt in (("readme", 512, "fp32"), ("readme_bf16", 512, "bf16"), ("tiny", 8, "fp32"),
                         ("odd33", 33, "fp32"), ("odd100_bf16", 100, "bf16")):
         block_d = max(16, min(triton.next_power_of_2(D), _BACKWARD_BLOCK_D))
@@ -446,11 +462,12 @@ def compile_cases() -> List[CompileCase]:
                     kernel=_backward_chunk_kernel, signature=sig, constexprs=consts, num_warps=_BACKWARD_WARPS,
                     divisible=tuple(range(11)), default=not mask,
                 ))
+            border = _border_config(D)
             cases.append(CompileCase(
                 name=f"border/{name}/{'dense' if dense else 'rows'}", kernel=_backward_border_kernel,
                 signature=dict(border_sig, out_ptr=f"*{dt}"),
-                constexprs=dict(DENSE=dense, BLOCK_D=max(16, min(triton.next_power_of_2(D), 256))), num_warps=4,
-                divisible=(0, 1, 2, 3), default=True,
+                constexprs=dict(DENSE=dense, BLOCK_P=border["BLOCK_P"], BLOCK_D=border["BLOCK_D"]),
+                num_warps=border["num_warps"], divisible=(0, 1, 2, 3, 4), default=True,
             ))
     cases.append(CompileCase(
         name="backward/readme/weights_only", kernel=_backward_chunk_kernel, signature=bwd_sig,

@@ -101,6 +101,17 @@ def test_hot_slot_spans_many_chunks(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_one_slot_takes_nearly_every_read(device):
+    """~40 border pieces of one run: the border pass sums them in several tiles of ``BLOCK_P``."""
+    gen = torch.Generator().manual_seed(8)
+    values, indices, w = inputs(7, 24, 20, CHUNK + 1, "one", torch.float32, device, gen)
+    indices[::7, 0] = 0  # a few reads of other slots before and after the hot one
+    indices[::5, 1] = 6
+    assert triton_impl._border_config(24)["BLOCK_P"] * 2 < 2 * indices.numel() // CHUNK
+    check_grads(values, indices, w, None, gen)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_ties_a_slot_read_twice_in_a_bag(device):
     gen = torch.Generator().manual_seed(6)
     values, indices, w = inputs(9, 17, 5, 6, "uniform", torch.float32, device, gen, padding=False)
