@@ -32,7 +32,10 @@ to the gradient. Only when no read at all is
 touched do the entries keep their own slots (all zero rows). :class:`~product_key_memory.SparseRowAdam`
 merges duplicates without a host sync. Everything is fp32 inside, whatever the input dtypes.
 
-Specification: :mod:`.reference`.
+The chunked, slot-sorted backward with a segmented scan and the integer bf16 rounding follow the
+design described in re133/sparse-memory-lm, docs/kernels.md (Apache-2.0; there the runs at chunk
+borders use atomics, here a second pass, which keeps bf16 outputs singly rounded and the result
+independent of scheduling). Specification: :mod:`.reference`.
 """
 
 from __future__ import annotations
