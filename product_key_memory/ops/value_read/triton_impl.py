@@ -463,19 +463,20 @@ def compile_cases() -> List[CompileCase]:
                 cases.append(CompileCase(
                     name=f"backward/{name}/{'dense' if dense else 'rows'}{'/masked' if mask else ''}",
                     kernel=_backward_chunk_kernel, signature=sig, constexprs=consts, num_warps=_BACKWARD_WARPS,
-                    divisible=tuple(range(11)), default=not mask,
+                    divisible=tuple(range(11)) + ((13, 15) if D % 16 == 0 else ()), default=not mask,
                 ))
             border = _border_config(D)
             cases.append(CompileCase(
                 name=f"border/{name}/{'dense' if dense else 'rows'}", kernel=_backward_border_kernel,
                 signature=dict(border_sig, out_ptr=f"*{dt}"),
                 constexprs=dict(DENSE=dense, BLOCK_P=border["BLOCK_P"], BLOCK_D=border["BLOCK_D"]),
-                num_warps=border["num_warps"], divisible=(0, 1, 2, 3, 4), default=True,
+                num_warps=border["num_warps"], divisible=(0, 1, 2, 3, 4) + ((6,) if D % 16 == 0 else ()),
+                default=True,
             ))
     cases.append(CompileCase(
         name="backward/readme/weights_only", kernel=_backward_chunk_kernel, signature=bwd_sig,
         constexprs=dict(HAS_W=True, HAS_MASK=False, NEED_VG=False, NEED_WG=True, DENSE=True, CHUNK=CHUNK,
                         BLOCK_D=_BACKWARD_BLOCK_D),
-        num_warps=_BACKWARD_WARPS, divisible=tuple(range(11)), default=False,
+        num_warps=_BACKWARD_WARPS, divisible=tuple(range(11)) + (13, 15), default=False,
     ))
     return cases
