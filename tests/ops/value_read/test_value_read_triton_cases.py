@@ -107,7 +107,7 @@ def test_one_slot_takes_nearly_every_read(device):
     values, indices, w = inputs(7, 24, 20, CHUNK + 1, "one", torch.float32, device, gen)
     indices[::7, 0] = 0  # a few reads of other slots before and after the hot one
     indices[::5, 1] = 6
-    assert triton_impl._border_config(24)["BLOCK_P"] * 2 < 2 * indices.numel() // CHUNK
+    assert triton_impl._border_config(24)["BLOCK_P"] < 2 * (indices.numel() // CHUNK) - 4
     check_grads(values, indices, w, None, gen)
 
 
