@@ -276,7 +276,7 @@ class SparseRowAdam(torch.optim.Optimizer):
             return
         with torch.no_grad():
             rows = indices.reshape(-1).to(device=param.device, dtype=torch.int64)
-            if param.device.type == "cpu" and not torch.compiler.is_compiling():
+            if _host_reads_free(param.device) and not torch.compiler.is_compiling():
                 # on CPU a data-dependent size costs no device sync: only the rows behind, no padding
                 rows = torch.unique(rows)
                 rows = rows[state[_ROW_STEP][rows] != state[_CLOCK]]
@@ -368,20 +368,25 @@ class SparseRowAdam(torch.optim.Optimizer):
         if grad.sparse_dim() != 1:  # e.g. dense.to_sparse(): one index per element, make it row-sparse
             grad = grad.to_dense().to_sparse(sparse_dim=1)
         rows, values = grad._indices()[0], grad._values()
-        # PKM's gradient arrives with sorted unique rows, but autograd drops the coalesced flag
-        if not (grad.is_coalesced() or bool((rows[1:] > rows[:-1]).all())):
-            grad = grad.coalesce()
-            rows, values = grad.indices()[0], grad.values()
+        op_rows = rows
+        if _host_reads_free(p.device):
+            # PKM's torch-backend gradient arrives with sorted unique rows, but autograd drops the coalesced flag
+            if not (grad.is_coalesced() or bool((rows[1:] > rows[:-1]).all())):
+                grad = grad.coalesce()
+                rows, values = grad.indices()[0], grad.values()
+                op_rows = rows
+        elif not grad.is_coalesced():  # repeated rows (the triton read gives one entry per read), no host sync
+            rows, op_rows, values = _merge_rows(rows, values)
         step = int(state["step"].item())
         catch_up = None
         if group["catch_up"]:  # rows first to the previous step, in the same pass as this one
-            ages = (step - 1 - state[_ROW_STEP][rows]).long()
+            ages = (step - 1 - state[_ROW_STEP][op_rows.clamp(min=0)]).long()
             # rows read through the hook are up to date already; on CPU, skipping that no-op costs no sync
-            if p.device.type != "cpu" or bool(ages.any()):
+            if not _host_reads_free(p.device) or bool(ages.any()):
                 catch_up = state[_WINDOW][_COEFFS][:, ages].t()
         if rows.numel():
             sparse_adam_step_(
-                p, state["exp_avg"], state["exp_avg_sq"], rows, values, catch_up=catch_up,
+                p, state["exp_avg"], state["exp_avg_sq"], op_rows, values, catch_up=catch_up,
                 max_exp_avg_sq=state["max_exp_avg_sq"] if group["amsgrad"] else None, lr=group["lr"],
                 betas=group["betas"], eps=group["eps"], step=step, weight_decay=group["weight_decay"],
                 decoupled_weight_decay=group["decoupled_weight_decay"], maximize=group["maximize"],
@@ -397,6 +402,25 @@ class SparseRowAdam(torch.optim.Optimizer):
             turn = (torch.arange(k, device=p.device) + state[_CURSOR]) % n
             state[_CURSOR] = (state[_CURSOR] + k) % n
             self._catch_up_rows(p, state, turn, to=step)
+
+
+def _host_reads_free(device: torch.device) -> bool:
+    """Whether reading a tensor's data back to Python costs no device sync (the CPU): the step
+    then takes the cheaper data-dependent branches; on a GPU it takes only fixed-size ops."""
+    return device.type == "cpu"
+
+
+def _merge_rows(rows: Tensor, values: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """A row-sparse gradient's repeated rows summed, in ops of fixed sizes (no host sync, unlike
+    ``coalesce``). Returns ``(rows, op_rows, grads)``: ``rows`` sorted (repeats kept),
+    ``op_rows`` each distinct row once then ``-1`` padding, ``grads`` their summed gradients."""
+    rows, perm = rows.sort(stable=True)
+    starts = torch.ones_like(rows, dtype=torch.bool)
+    starts[1:] = rows[1:] != rows[:-1]
+    run = starts.cumsum(0) - 1
+    grads = torch.zeros_like(values).index_add_(0, run, values.index_select(0, perm))
+    op_rows = torch.full_like(rows, -1).scatter_(0, run, rows)  # equal rows write the same value
+    return rows, op_rows, grads
 
 
 class _CatchUpBeforeRead:

@@ -12,7 +12,9 @@ Implementations: :mod:`.reference` (the specification), :mod:`.torch_impl`, :mod
    (plain, differentiable ops; the table's gradient is dense there);
 2. when a gradient is wanted, or under ``torch.compile``: the custom op, whose backward calls
    ``pkm::value_read_backward`` (a dense table gradient) or, with ``sparse`` in eager mode,
-   ``pkm::value_read_backward_rows`` (the touched rows, returned as a sparse gradient);
+   ``pkm::value_read_backward_rows`` (the touched rows, returned as a sparse gradient: coalesced
+   from the torch and reference backends; from the triton backend one entry per read, sorted, the
+   repeats holding zero rows, so its size never depends on the data and nothing syncs);
 3. otherwise (no gradient, eager): the implementation directly, without the dispatcher.
 
 The implementation is the backend's (:func:`~product_key_memory.ops.backend.backend_for`),
@@ -111,8 +113,10 @@ def _autograd(ctx, grad_out: Tensor):
     if need_values and ctx.sparse and not torch.compiler.is_compiling():
         # compiled graphs take the dense gradient: a sparse tensor of data-dependent size does not trace
         rows_idx, rows, grad_weights = _backward_rows_op(grad_out, values, indices, weights, trainable, need_weights)
+        # the triton backend gives one entry per read (a fixed size, no host sync): repeated rows, uncoalesced
+        unique = getattr(_implementation(values, weights, grad_out), "ROWS_UNIQUE", True)
         grad_values = torch.sparse_coo_tensor(
-            rows_idx.unsqueeze(0), rows, values.shape, is_coalesced=True, check_invariants=False
+            rows_idx.unsqueeze(0), rows, values.shape, is_coalesced=unique, check_invariants=False
         )
     elif need_values or need_weights:
         grad_values, grad_weights = _backward_op(
@@ -136,8 +140,11 @@ def value_read(
     """``(bags, dim)`` weighted sums of rows of ``values`` (see the module docstring).
 
     The gradient of ``values`` touches only the rows read with a non-zero weight that are
-    ``trainable`` (bool ``(num_slots,)``); with ``sparse`` (eager mode) it is a coalesced sparse
-    tensor of just those rows. The weights' gradient comes back in their own dtype.
+    ``trainable`` (bool ``(num_slots,)``); with ``sparse`` (eager mode) it is a sparse tensor of
+    just those rows: coalesced on the torch and reference backends; on the triton backend one entry
+    per read, uncoalesced (a row's repeats hold zeros), so that no size depends on the data and
+    nothing waits for the GPU (``SparseRowAdam`` merges the repeats without a sync; ``coalesce()``
+    gives the compact form at the cost of one). The weights' gradient comes back in their own dtype.
     """
     if torch.compiler.is_exporting() or functorch_active():
         return reference.value_read(values, indices, weights, trainable)
