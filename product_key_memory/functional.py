@@ -191,9 +191,12 @@ def value_read(
     :func:`product_key_memory.ops.value_read.value_read` (``torch.ops.pkm.value_read``).
 
     The backward touches only the rows read: ``sparse=True`` makes the gradient of
-    ``values`` a coalesced sparse tensor holding just those rows (for
-    ``SparseRowAdam`` or ``torch.optim.SparseAdam``; compiled code gets a dense
-    gradient), skipping rows read only with weight 0 (padding) or outside ``trainable``.
+    ``values`` a sparse tensor holding just those rows (for ``SparseRowAdam`` or
+    ``torch.optim.SparseAdam``; compiled code gets a dense gradient), skipping rows read
+    only with weight 0 (padding) or outside ``trainable``. It is coalesced on the torch and
+    reference backends; the triton backend gives one entry per read, repeats holding zeros,
+    so that nothing waits for the GPU (``SparseRowAdam`` takes it as it is; ``coalesce()``
+    gives the compact form at the cost of a sync).
     The weights may have any float dtype; their gradient comes back in it.
     """
     _check_read_args(values, indices, weights, trainable)

@@ -138,12 +138,21 @@ def _read_config(m: int, D: int) -> dict:
 
 
 def _check_slots(indices: Tensor, num_slots: int) -> None:
-    """On CPU tensors (the interpreter), the torch backend's error for a slot outside the table.
+    """A slot outside the table is an error, never a silent zero row or a read of other memory.
 
-    Read through NumPy: a CPU tensor has no device to wait for, and on CUDA this check is skipped
-    (the kernels mask bad slots instead), so the layer's step never reads back from the GPU.
+    On CPU tensors (the interpreter) it raises at once, read through NumPy: a CPU tensor has no
+    device to wait for. On CUDA the check stays on the device (``torch._assert_async``, as
+    ``F.embedding_bag``'s own bounds check): a bad slot fails the launch with this message at the
+    next synchronisation, and nothing reads back to the host, so a step stays capturable. The
+    kernels also mask bad slots, so no load ever leaves the table.
     """
-    if indices.device.type != "cpu" or indices.numel() == 0:
+    if indices.numel() == 0:
+        return
+    if indices.device.type == "cuda":
+        inside = ((indices >= 0) & (indices < num_slots)).all()
+        torch._assert_async(inside, f"indices: a slot is outside the table's range [0, {num_slots})")
+        return
+    if indices.device.type != "cpu":
         return
     flat = indices.detach().reshape(-1).numpy()
     bad = (flat < 0) | (flat >= num_slots)

@@ -199,9 +199,36 @@ def test_out_of_range_slot_raises_like_the_other_backends(device, bad):
         PF.value_read(v, indices, w, sparse=True)
 
 
+_CUDA_BAD_SLOT = """
+import torch
+from product_key_memory import functional as PF, use_backend
+values = torch.randn(10, 4, device="cuda")
+with use_backend("triton"):
+    out = PF.value_read(values, torch.tensor([[1, 10]], device="cuda"), torch.ones(1, 2, device="cuda"))
+try:
+    torch.cuda.synchronize()
+except RuntimeError as e:
+    print("RAISED", e)
+"""
+
+
+@pytest.mark.cuda
+def test_out_of_range_slot_fails_on_cuda_without_a_host_read():
+    """On a GPU the range check stays on the device (no sync): the launch fails with the message at
+    the next synchronisation. A device-side assert ends the CUDA context, so it runs in a child."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _CUDA_BAD_SLOT], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert "RAISED" in run.stdout or "outside the table's range" in run.stderr, run.stdout + run.stderr[-2000:]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_slots_read_as_zero_rows(device, monkeypatch):
-    """Past the host check (skipped on a GPU), the kernel masks a slot outside the table: it
+    """Past the range check, the kernel masks a slot outside the table: it
     neither reads another row nor faults, it adds nothing."""
     monkeypatch.setattr(triton_impl, "_check_slots", lambda indices, num_slots: None)
     values = torch.randn(10, 24, device=device)
