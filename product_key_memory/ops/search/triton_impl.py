@@ -12,7 +12,7 @@
      the better (score descending, then index ascending: the library's tie rule), every key is
      distinct, and the score decodes back exactly. ``-0.0`` is folded into ``+0.0`` first.
      Non-finite scores are bounded first (:func:`.reference.bounded_scores`).
-   * each half's top-``T`` (``T = next_power_of_2(topk)``) by ``tl.topk`` (a bitonic top-k) over
+   * each half's top-``T`` (``T = next_power_of_2(topk)``) by a bitonic top-k (:func:`_topk_rows`) over
      chunks of at most ``CHUNK`` keys, merging each chunk's best into the running best: registers
      do not grow with ``num_keys``.
    * the final top-``topk`` over the *compact* candidate list only, the pairs
@@ -91,6 +91,68 @@ def _unpack(key):
     return bits.to(tl.float32, bitcast=True), _low32() - (key & _low32())
 
 
+# -- bitonic top-k on max/min pair exchanges --------------------------------------------------------------
+# The bitonic top-k (Shanbhag, Pirk and Madden, SIGMOD 2018; what tl.topk runs): view the row as
+# a hypercube of 2 ** n positions, sort blocks of k by bitonic merges, then repeatedly keep the larger of
+# each pair k apart (halving the row) and re-merge. tl.topk finds each position's partner with an XOR
+# reduction, which Triton's interpreter runs element by element in Python (44 s a call at 65,536 keys); here
+# the pair of a hypercube axis is exchanged with a max and a min over that axis instead: the same
+# result for distinct keys, plain reductions on a GPU, numpy speed under the interpreter.
+
+
+@triton.constexpr_function
+def _log2(n):
+    return n.bit_length() - 1
+
+
+@triton.jit
+def _axis_bit(n_dims: tl.constexpr, axis: tl.constexpr):
+    """0 on the first, 1 on the second position of hypercube ``axis``, shaped to broadcast."""
+    return tl.reshape(tl.arange(0, 2), [1] * axis + [2] + [1] * (n_dims - axis - 1))
+
+
+@triton.jit
+def _exchange(h, descending, bit: tl.constexpr):
+    """Order each pair of positions differing in ``bit`` of the row index (``descending``: 0, 1, or a
+    per-position 0/1 tensor), larger first where descending."""
+    n_dims: tl.constexpr = len(h.shape)
+    axis: tl.constexpr = n_dims - 1 - bit
+    hi = tl.max(h, axis=axis, keep_dims=True)
+    lo = tl.min(h, axis=axis, keep_dims=True)
+    second = _axis_bit(n_dims, axis)
+    return tl.where((second ^ descending) != 0, hi, lo)
+
+
+@triton.jit
+def _merge(h, stage: tl.constexpr, order: tl.constexpr):
+    """Bitonic merge of blocks of ``2 ** stage``: ``order`` 0 ascending, 1 descending, 2 alternating
+    (descending where bit ``stage`` of the position is 1)."""
+    n_dims: tl.constexpr = len(h.shape)
+    if order == 2:
+        descending = _axis_bit(n_dims, n_dims - 1 - stage)
+    else:
+        descending = order
+    for i in tl.static_range(stage):
+        h = _exchange(h, descending, stage - 1 - i)
+    return h
+
+
+@triton.jit
+def _topk_rows(x, K: tl.constexpr):
+    """The ``K`` largest of each row of ``x`` ``(M, N)`` (powers of two, ``2 <= K <= N``), best first."""
+    M: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    LOG_N: tl.constexpr = _log2(N)
+    LOG_K: tl.constexpr = _log2(K)
+    h = tl.reshape(x, [2] * _log2(M * N))
+    for i in tl.static_range(1, LOG_K + 1):  # blocks of K sorted, alternately descending and ascending
+        h = _merge(h, i, 2 if i < LOG_N else 1)
+    for i in tl.static_range(LOG_K + 1, LOG_N + 1):  # the larger of each pair K apart, then re-sorted
+        h = tl.max(h, axis=len(h.shape) - 1 - LOG_K)
+        h = _merge(h, LOG_K, 2 if i < LOG_N else 1)
+    return tl.reshape(h, (M, K))
+
+
 @triton.jit
 def _chunk_keys(s_ptr, row_off, row_ok, kk, K):
     """Packed keys ``(BLOCK_M, CHUNK)`` of sub-keys ``kk`` of each row; INT64_MIN past ``K`` and past the rows."""
@@ -108,13 +170,13 @@ def _half_best(s_ptr, row_off, row_ok, K, BLOCK_M: tl.constexpr, T: tl.constexpr
     """The ``T`` best packed keys ``(BLOCK_M, T)`` of one half's sub-key scores, best first."""
     offs = tl.arange(0, CH)
     if ONE_CHUNK:
-        best = tl.topk(_chunk_keys(s_ptr, row_off, row_ok, offs, K), T, dim=1)
+        best = _topk_rows(_chunk_keys(s_ptr, row_off, row_ok, offs, K), T)
     else:
         # all keys are distinct, so the best T of a union are the best T of the parts' best T
         best = tl.full((BLOCK_M, T), 1, tl.int64) << 63
         for k0 in range(0, K, CH):
-            top = tl.topk(_chunk_keys(s_ptr, row_off, row_ok, k0 + offs, K), T, dim=1)
-            best = tl.topk(tl.reshape(tl.join(best, top), (BLOCK_M, 2 * T)), T, dim=1)
+            top = _topk_rows(_chunk_keys(s_ptr, row_off, row_ok, k0 + offs, K), T)
+            best = _topk_rows(tl.reshape(tl.join(best, top), (BLOCK_M, 2 * T)), T)
     return best
 
 
@@ -152,7 +214,7 @@ def _select_kernel(
     s1, i1 = _unpack(tl.load(row_lists + a[None, :], mask=mine, other=0))
     s2, i2 = _unpack(tl.load(row_lists + T + b[None, :], mask=mine, other=0))
     cand = tl.where(p_ok[None, :], _pack(s1 + s2, i1 * K + i2), _lowest())  # the float32 sum, as the reference
-    scores, slots = _unpack(tl.topk(cand, T, dim=1))
+    scores, slots = _unpack(_topk_rows(cand, T))
 
     j = tl.arange(0, T)
     out = r[:, None] * topk + j[None, :]
@@ -176,7 +238,7 @@ def launch_config(rows: int, num_keys: int, topk: int, chunk: int = CHUNK) -> di
     (a power of two) sub-keys per step (the one place they are chosen)."""
     if chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two, got {chunk}")
-    t = max(triton.next_power_of_2(topk), 2)  # 2, not 1: tl.topk to one key is a reduction of another shape
+    t = max(triton.next_power_of_2(topk), 2)  # 2, not 1: a bitonic top-1 has no pairs to exchange
     ch = max(min(triton.next_power_of_2(num_keys), chunk), t)
     p = max(triton.next_power_of_2(_num_pairs(topk)), t)
     width = max(ch, p)
