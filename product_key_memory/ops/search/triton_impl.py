@@ -55,7 +55,9 @@ CHUNK = 1024
 # the same under Triton's interpreter, which pays per operation rather than per element: whole tables
 # up to MAX_NUM_KEYS in one step (tests pass a small chunk to run the steps)
 _INTERPRETED_CHUNK = reference.MAX_NUM_KEYS
-# keys (int64) one program holds at a time: rows per program are chosen to fill it
+# keys (int64) one program holds at a time: rows per program are chosen to fill it. A table in several
+# chunks holds a chunk, the running best and their merge at once: half as many keys (at 2,048 the
+# 16,384-key table spilled 40 bytes on sm_90)
 _PROGRAM_KEYS = 2048
 
 # reference.SCORE_BOUND (test_search.py runs both on non-finite input)
@@ -242,9 +244,11 @@ def launch_config(rows: int, num_keys: int, topk: int, chunk: int = CHUNK) -> di
     ch = max(min(triton.next_power_of_2(num_keys), chunk), t)
     p = max(triton.next_power_of_2(_num_pairs(topk)), t)
     width = max(ch, p)
-    block_m = max(1, min(_PROGRAM_KEYS // width, triton.next_power_of_2(max(rows, 1))))
-    return dict(BLOCK_M=block_m, T=t, CH=ch, ONE_CHUNK=num_keys <= ch, P=p,
-                num_warps=4 if block_m * width <= 1024 else 8)
+    one_chunk = num_keys <= ch
+    program_keys = _PROGRAM_KEYS if one_chunk else _PROGRAM_KEYS // 2
+    block_m = max(1, min(program_keys // width, triton.next_power_of_2(max(rows, 1))))
+    return dict(BLOCK_M=block_m, T=t, CH=ch, ONE_CHUNK=one_chunk, P=p,
+                num_warps=4 if block_m * width < 1024 else 8)  # 1,024 keys at 4 warps spilled (sm_90)
 
 
 @functools.lru_cache(maxsize=64)
