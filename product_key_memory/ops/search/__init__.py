@@ -22,7 +22,8 @@ Implementations: :mod:`.reference` (the specification), :mod:`.torch_impl`, :mod
 4. otherwise (no gradient, eager): the implementation directly, without the dispatcher.
 
 The implementation is the backend's (:func:`~product_key_memory.ops.backend.backend_for`);
-the ``triton`` backend hands float64 (gradcheck) and more than ``2 ** 31 - 1`` slots to ``torch``.
+the ``triton`` backend hands float64 (gradcheck) and ``topk`` past ``triton_impl.MAX_TOPK`` (256) to
+``torch`` (:func:`.triton_impl.fits`).
 """
 
 from __future__ import annotations
@@ -45,18 +46,18 @@ __all__ = [
 TopkFn = Callable[[Tensor, int], Tuple[Tensor, Tensor]]
 
 
-def _implementation(queries: Tensor, keys: Tensor):
+def _implementation(queries: Tensor, keys: Tensor, topk: int):
     name = backend_for(queries.device)
     if name == "torch":
         return torch_impl
     if name == "reference":
         return reference
-    num_keys = keys.shape[-2]
-    if torch.float64 in (queries.dtype, keys.dtype) or num_keys * num_keys > 2**31 - 1:
+    if torch.float64 in (queries.dtype, keys.dtype):
         return torch_impl
     from . import triton_impl  # imports Triton only when used
 
-    return triton_impl
+    # past triton_impl.MAX_TOPK the kernel's candidate list would not fit in registers
+    return triton_impl if triton_impl.fits(keys.shape[-2], topk) else torch_impl
 
 
 def _reference_backend(device: torch.device) -> bool:
@@ -67,7 +68,7 @@ def _reference_backend(device: torch.device) -> bool:
 def _run(queries: Tensor, keys: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
     if queries.shape[0] == 0:
         return _search_fake(queries, keys, topk)
-    return _implementation(queries, keys).search(queries, keys, topk)
+    return _implementation(queries, keys, topk).search(queries, keys, topk)
 
 
 @torch.library.custom_op("pkm::search", mutates_args=())
