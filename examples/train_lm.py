@@ -7,7 +7,8 @@ validation by a hash of their relative path, so the split is the same everywhere
 Two models train on the same batches in the same order:
 
 * ``pkm``: a :class:`~product_key_memory.TransformerLM` whose ``--pkm-layers`` blocks read a PKM
-  (``--memory memory_plus`` or ``peer``: a Memory+ or a PEER layer instead);
+  (``--memory memory_plus``, ``peer`` or ``ultramem``: a Memory+, PEER or UltraMem layer instead;
+  UltraMem's auxiliary loss on its Tucker cores is added to the training loss, ``--aux-loss-coef``);
 * ``dense``: the same model with a GELU feedforward in those blocks whose hidden width is
   chosen so the block does the same multiply-adds per token as the PKM (query projection,
   sub-key scores and the ``heads * topk`` value rows read). Every other block is identical,
@@ -36,7 +37,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from product_key_memory import PEER, PKM, TransformerLM, fetch_optimizer_parameters
+from product_key_memory import PEER, PKM, TransformerLM, UltraMem, fetch_optimizer_parameters
+from product_key_memory.layers.ultramem import ultramem_aux_loss
+from product_key_memory.training import value_lr_multiplier
 from product_key_memory.models.transformer import FeedForward
 
 # ----------------------------------------------------------------------------------- data
@@ -102,6 +105,16 @@ def peer_lookup_macs(peer: PEER) -> int:
     return peer.heads * 2 * peer.num_keys * peer.dim_key + peer.heads * peer.experts_per_head * 2 * peer.dim
 
 
+def ultramem_lookup_macs(layer: UltraMem) -> int:
+    """Multiply-adds per token of an UltraMem outside its linear maps: the sub-key scores (``rank`` sets),
+    the cores' scores on the candidate grid and the stored rows read (its projection is an nn.Linear)."""
+    keys = layer.keys
+    side = min(2 * keys.candidates if keys.first_stage == "two_sided" else keys.candidates, keys.num_keys)
+    sub = layer.heads * 2 * keys.rank * keys.num_keys * keys.dim_head
+    grid = layer.heads * side * side * keys.cores * keys.rank * (keys.rank + 1)
+    return sub + grid + layer.heads * layer.topk * layer.values.value_dim
+
+
 def macs_per_token(model: nn.Module, seq_len: int = 0) -> int:
     """Multiply-adds per token of every linear map and memory lookup, plus causal attention at full context."""
     total = 0
@@ -110,6 +123,8 @@ def macs_per_token(model: nn.Module, seq_len: int = 0) -> int:
             total += pkm_lookup_macs(m)  # its query projection (and combine) are nn.Linear, counted below
         elif isinstance(m, PEER):
             total += peer_lookup_macs(m)
+        elif isinstance(m, UltraMem):
+            total += ultramem_lookup_macs(m)  # its query projection and IVE projection are nn.Linear
         elif isinstance(m, nn.Linear):
             total += m.in_features * m.out_features
         elif type(m).__name__ == "CausalSelfAttention":
@@ -121,6 +136,8 @@ def build_models(args):
     if args.memory == "peer":  # num_keys ** 2 experts, topk of them per head, softmax gates
         pkm_kwargs = dict(heads=args.pkm_heads, num_experts=args.num_keys**2, num_experts_per_head=args.topk,
                           dim_key=args.pkm_dim_head, non_competing_scores=False)
+    elif args.memory == "ultramem":  # num_keys ** 2 virtual slots over num_keys ** 2 / 4 stored rows
+        pkm_kwargs = dict(heads=args.pkm_heads, num_keys=args.num_keys, topk=args.topk, dim_key=args.pkm_dim_head)
     else:
         pkm_kwargs = dict(heads=args.pkm_heads, num_keys=args.num_keys, topk=args.topk, dim_head=args.pkm_dim_head)
     common = dict(num_tokens=256, dim=args.dim, depth=args.depth, seq_len=args.seq_len, heads=args.heads,
@@ -152,7 +169,7 @@ def usage_tracker(model):
         from product_key_memory import MemoryUsageTracker
     except ImportError:
         return None
-    return MemoryUsageTracker(model) if any(isinstance(m, (PKM, PEER)) for m in model.modules()) else None
+    return MemoryUsageTracker(model) if any(isinstance(m, (PKM, PEER, UltraMem)) for m in model.modules()) else None
 
 
 # -------------------------------------------------------------------------------- training
@@ -186,9 +203,11 @@ def train(name, model, train_data, val_batches, args):
     from tqdm import tqdm  # an extra, checked by require_extras before any training
 
     groups = fetch_optimizer_parameters(model, pkm_learning_rate=args.pkm_lr, pkm_weight_decay=0.0)
+    is_value = [i == 1 for i, g in enumerate(groups) if g["params"]]  # group 1: the value tables
     groups = [g for g in groups if g["params"]]
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     base_lrs = [g["lr"] for g in opt.param_groups]
+    has_ultramem = any(isinstance(m, UltraMem) for m in model.modules())
     batches = random_batches(train_data, args.batch_size, args.seq_len, args.seed)  # same batches for every model
     tokens_per_step = args.batch_size * args.seq_len
     tracker = usage_tracker(model)
@@ -198,12 +217,14 @@ def train(name, model, train_data, val_batches, args):
     bar = tqdm(range(1, args.steps + 1), desc=f"{name:>5}", unit="step", dynamic_ncols=True)
     for step in bar:
         batch = next(batches)
-        for g, base in zip(opt.param_groups, base_lrs):
+        for g, base, value in zip(opt.param_groups, base_lrs, is_value):
             g["lr"] = base * lr_at(step - 1, args)
+            if value and has_ultramem:  # UltraMem's value learning rate: a multiplier decaying to 1
+                g["lr"] *= value_lr_multiplier(step - 1, max_steps=args.steps, initial=args.value_lr_times)
         t0 = time.perf_counter()
         loss = model.loss(batch)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + args.aux_loss_coef * ultramem_aux_loss(model) if has_ultramem else loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         train_time += time.perf_counter() - t0
@@ -225,7 +246,7 @@ def train(name, model, train_data, val_batches, args):
 
 def print_usage(name, r, out_dir: Path):
     if r["tracker"] is None:
-        if any(isinstance(m, (PKM, PEER)) for m in r["model"].modules()):
+        if any(isinstance(m, (PKM, PEER, UltraMem)) for m in r["model"].modules()):
             print("memory-usage statistics: this version of product_key_memory has no MemoryUsageTracker (skipped)")
         return
     print(f"memory usage of the {name} model's PKM layers on the validation batches:")
@@ -304,8 +325,14 @@ def main(argv=None):
     p.add_argument("--ff-mult", type=int, default=4, help="feedforward width as a multiple of --dim")
     p.add_argument("--pkm-layers", type=int, nargs="+", default=[3],
                    help="blocks with a PKM, numbered from 1 as TransformerLM(pkm_layers=...): 3 is module blocks.2")
-    p.add_argument("--memory", choices=("pkm", "memory_plus", "peer"), default="pkm",
-                   help="the memory layer of the --pkm-layers blocks (peer: num_keys**2 experts, topk per head)")
+    p.add_argument("--memory", choices=("pkm", "memory_plus", "peer", "ultramem"), default="pkm",
+                   help="the memory layer of the --pkm-layers blocks (peer: num_keys**2 experts, topk per head; "
+                        "ultramem: num_keys**2 virtual slots)")
+    p.add_argument("--aux-loss-coef", type=float, default=1e-3,
+                   help="ultramem: weight of the Tucker cores' auxiliary loss (the official mem_tucker_rank_penalty)")
+    p.add_argument("--value-lr-times", type=float, default=1.0,
+                   help="ultramem: the value tables' learning rate starts this many times --pkm-lr and decays "
+                        "linearly to 1x over the run (the official code uses 4.0 over its base rate)")
     p.add_argument("--num-keys", type=int, default=128, help="sub-keys per half: num_keys**2 memory slots")
     p.add_argument("--topk", type=int, default=16, help="memory slots read per PKM head")
     p.add_argument("--pkm-heads", type=int, default=4, help="PKM query heads")

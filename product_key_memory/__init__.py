@@ -15,7 +15,7 @@ import importlib.util
 import sys
 
 from . import functional, ops
-from .layers import PEER, PKM, MemoryPlus, ProductKeyMemory
+from .layers import PEER, PKM, MemoryPlus, ProductKeyMemory, UltraMem
 from .ops import use_backend
 from .parts import MaskedBatchNorm, MemoryOutput, ProductKeys, QueryLayerNorm, QueryNetwork, Scoring
 from .tables import EmbeddingValues, ExpertValues, ShardedValues, ValuePool, ValueTable
@@ -102,6 +102,7 @@ __all__ = [
     "PKM",
     "ProductKeyMemory",
     "PEER",
+    "UltraMem",
     "QueryNetwork",
     "ProductKeys",
     "Scoring",

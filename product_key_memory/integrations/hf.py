@@ -72,7 +72,8 @@ def add_pkm(
             from 1, as product-key-memory 0.3.0 did.)
         mlp_attr: name of the feedforward inside a block.
         memory: the kind of memory put in, a key of :data:`~product_key_memory.layers.MEMORY_KINDS`
-            (``"pkm"``, ``"memory_plus"``, ``"peer"``); recorded in the config with the arguments.
+            (``"pkm"``, ``"memory_plus"``, ``"peer"``, ``"ultramem"``); recorded in the config with the
+            arguments.
         pkm_kwargs: arguments of :class:`~product_key_memory.PKM` besides ``dim`` (taken from
             ``config.hidden_size``); plain values only, since they are saved in the config.
             Not ``values``, ``device`` or ``dtype`` (``TypeError``): the PKMs follow the model.

@@ -12,10 +12,11 @@ from torch import nn
 from .memory_plus import MemoryPlus
 from .peer import PEER
 from .pkm import PKM, ProductKeyMemory
+from .ultramem import UltraMem
 
-__all__ = ["PKM", "ProductKeyMemory", "MemoryPlus", "PEER", "MEMORY_KINDS", "build_memory"]
+__all__ = ["PKM", "ProductKeyMemory", "MemoryPlus", "PEER", "UltraMem", "MEMORY_KINDS", "build_memory"]
 
-MEMORY_KINDS: Dict[str, type] = {"pkm": PKM, "memory_plus": MemoryPlus, "peer": PEER}
+MEMORY_KINDS: Dict[str, type] = {"pkm": PKM, "memory_plus": MemoryPlus, "peer": PEER, "ultramem": UltraMem}
 
 
 def build_memory(kind: str, dim: int, **kwargs) -> nn.Module:

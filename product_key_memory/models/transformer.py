@@ -135,8 +135,8 @@ class TransformerLM(nn.Module):
             (batch-norm queries) mixes statistics across the tokens of a batch at training
             time, so a token's output then depends on later tokens.
         memory: the kind of memory in the ``pkm_layers`` blocks, a key of
-            :data:`~product_key_memory.layers.MEMORY_KINDS` (``"pkm"``, ``"memory_plus"``, ``"peer"``), or a
-            dict ``{block: kind}`` (blocks it leaves out get ``"pkm"``).
+            :data:`~product_key_memory.layers.MEMORY_KINDS` (``"pkm"``, ``"memory_plus"``, ``"peer"``,
+            ``"ultramem"``), or a dict ``{block: kind}`` (blocks it leaves out get ``"pkm"``).
         memory_kwargs: ``{kind: kwargs}``, arguments for the blocks of one kind, over ``pkm_kwargs``.
         knn_layers: 1-based numbers of the blocks whose attention is a :class:`KNNAttention` (the same
             convention as ``pkm_layers``), an int or an iterable of ints; ``()`` (default) for none. A block

@@ -46,7 +46,7 @@ def test_block_label(train_lm):
     assert train_lm.block_label("memory") == "memory"
 
 
-@pytest.mark.parametrize("memory", ["memory_plus", "peer"])
+@pytest.mark.parametrize("memory", ["memory_plus", "peer", "ultramem"])
 def test_tiny_run_with_another_memory(train_lm, tmp_path, memory):
     results = train_lm.main(["--quick", "--memory", memory, "--steps", "2", "--eval-every", "1", "--eval-batches",
                              "1", "--batch-size", "2", "--seq-len", "16", "--sample-bytes", "4", "--num-keys", "16",
@@ -55,4 +55,4 @@ def test_tiny_run_with_another_memory(train_lm, tmp_path, memory):
     args = SimpleNamespace(memory=memory, pkm_heads=2, num_keys=16, topk=4, pkm_dim_head=8, dim=32, depth=4,
                            seq_len=16, heads=2, ff_mult=4, pkm_layers=[3])
     models, _ = train_lm.build_models(args)
-    assert type(models["pkm"].blocks[2].ff).__name__ == {"memory_plus": "MemoryPlus", "peer": "PEER"}[memory]
+    assert type(models["pkm"].blocks[2].ff).__name__ == {"memory_plus": "MemoryPlus", "peer": "PEER", "ultramem": "UltraMem"}[memory]

@@ -116,6 +116,7 @@ def test_add_pkm_refuses_its_own_dtype_and_device(model, placement):
 @pytest.mark.parametrize("memory, kwargs, cls_name", [
     ("memory_plus", PKM_KWARGS, "MemoryPlus"),
     ("peer", dict(heads=2, num_experts=256, num_experts_per_head=4), "PEER"),
+    ("ultramem", dict(heads=2, num_keys=8, topk=4, rank=2, cores=2), "UltraMem"),
 ])
 def test_other_memory_kinds_save_and_reload(memory, kwargs, cls_name, tmp_path):
     torch.manual_seed(0)

@@ -248,6 +248,27 @@ def test_memory_kinds_per_block_train_with_the_recommended_optimizer():
     assert isinstance(every.blocks[1].ff, PEER) and not isinstance(every.blocks[0].ff, MemoryPlus)
 
 
+def test_ultramem_blocks_train_with_their_aux_loss():
+    from product_key_memory import UltraMem, build_optimizer
+    from product_key_memory.layers.ultramem import ultramem_aux_loss
+
+    torch.manual_seed(0)
+    model = TransformerLM(64, dim=32, depth=3, seq_len=16, heads=2, dim_head=16, pkm_layers=(2, 3),
+                          memory={3: "ultramem"}, pkm_kwargs=dict(heads=2),
+                          memory_kwargs={"pkm": dict(num_keys=8, topk=4, dim_head=8),
+                                         "ultramem": dict(num_keys=8, topk=4, rank=2, cores=2)})
+    assert [type(b.ff).__name__ for b in model.blocks] == ["FeedForward", "PKM", "UltraMem"]
+    layer = model.blocks[2].ff
+    assert isinstance(layer, UltraMem) and layer.heads == 2
+    opt = build_optimizer(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    (model.loss(torch.randint(0, 64, (2, 17))) + 1e-3 * ultramem_aux_loss(model)).backward()
+    opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    for name in ("blocks.2.ff.values.store.weight", "blocks.2.ff.values.proj.weight", "blocks.2.ff.keys.core"):
+        assert name in moved, name
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(memory="ultra"), ValueError, "memory of block 2 must be one of"),
     (dict(memory={1: "peer"}), ValueError, r"memory names blocks \[1\] that are not memory blocks"),
