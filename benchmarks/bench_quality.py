@@ -114,6 +114,11 @@ class Run:
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
         self.batches = lm.random_batches(train_data, args.batch_size, args.seq_len, args.seed)  # the same for all
         self.tracker = lm.usage_tracker(self.model)
+        # memory layers with an auxiliary loss (UltraMem's, on its Tucker cores): added to the training loss
+        # as train_lm does; the layer's loss, not its parts' too
+        kinds = tuple(MEMORY_KINDS.values())
+        self.aux_layers = [m for m in self.model.modules()
+                           if isinstance(m, kinds) and callable(getattr(m, "aux_loss", None))]
         self.curve, self.step_times, self.train_time, self.usage, self.vgrad = [], [], 0.0, {}, 0
 
     def step(self, step):
@@ -122,6 +127,8 @@ class Run:
             g["lr"] = base * self.lm.lr_at(step - 1, self.args)
         t0 = time.perf_counter()
         loss = self.model.loss(batch)
+        if self.aux_layers:
+            loss = loss + self.args.aux_loss_coef * sum(m.aux_loss() for m in self.aux_layers)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         clip_grad_norm_(self.model.parameters(), 1.0)
@@ -196,9 +203,9 @@ def _slots_read(layer):
         return layer.heads * layer.experts_per_head, layer.experts
     ultramem = MEMORY_KINDS.get("ultramem")
     if ultramem is not None and isinstance(layer, ultramem):
-        # virtual slots: each is one stored row of the implicit table's physical table (its projection is
-        # applied to every token's grouped sum, so it counts in full)
-        return layer.heads * layer.topk, layer.values.values
+        # each virtual slot read is one stored row of the implicit table's store, read piece by piece (the
+        # projection is applied to every token's grouped sum, so it counts in full)
+        return layer.heads * layer.topk, layer.values.store
     return None
 
 
@@ -390,8 +397,9 @@ def render_kinds_markdown(data: dict) -> str:
         f"At equal wall-clock: each run's validation curve (evaluated every {args['eval_every']} steps on "
         f"{args['eval_batches']} batches) interpolated linearly at the shortest run's total training time, "
         f"{budget:.1f} s (training steps only, not evaluation). Slots used: the share of the memory's slots "
-        f"(experts for PEER) read on the validation batches (`MemoryUsageTracker`, PKM and PEER tables only). "
-        f"No auxiliary losses are added (UltraMem's core loss is not).",
+        f"(experts for PEER, pieces of virtual slots for UltraMem) read on the validation batches "
+        f"(`MemoryUsageTracker`). Layers with an auxiliary loss (UltraMem's Tucker cores) add it to the "
+        f"training loss times {args.get('aux_loss_coef', '-')}, as `examples/train_lm.py` does.",
         "",
         f"Machine: {meta['machine']}, {meta['cpus']} CPUs, {meta['threads']} torch thread(s), torch {meta['torch']}, "
         f"Python {meta['python']}; load average {load}; {meta['wall_seconds'] / 60:.1f} min in all.",
@@ -503,6 +511,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate off the value tables")
     p.add_argument("--pkm-lr", type=float, default=1e-2, help="learning rate of the value tables")
     p.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay off the tables")
+    p.add_argument("--aux-loss-coef", type=float, default=1e-3,
+                   help="weight of a layer's auxiliary loss (UltraMem's Tucker cores), as train_lm's")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model and the batches")
     p.add_argument("--out", type=Path, default=None,

@@ -128,3 +128,13 @@ def test_active_params_ultramem_by_hand():
     projection = expansion * dim * dim  # one (dim, expansion * value_dim) map over the grouped rows
     rows_read = heads * topk * dim  # each virtual slot read is one stored row of value_dim = dim
     assert bq.active_params_per_token(layer) == queries + tucker + projection + rows_read
+
+
+@pytest.mark.skipif("ultramem" not in bq.MEMORY_KINDS, reason="UltraMem is not registered in MEMORY_KINDS")
+def test_run_adds_each_memory_layers_aux_loss_once():
+    lm = bq.load_train_lm()
+    args = bq.argparse.Namespace(dim=32, depth=2, seq_len=16, heads=2, ff_mult=4, pkm_layers=[1, 2], batch_size=2,
+                                 seed=0, lr=1e-3, pkm_lr=1e-2, weight_decay=0.0)
+    model = bq.build_kind_model("ultramem", args, dict(heads=2, num_keys=8, topk=4, dim_key=8))
+    run = bq.Run("lazy", model, torch.zeros(1000, dtype=torch.uint8), args, lm, name="ultramem")
+    assert run.aux_layers == [run.model.blocks[0].ff, run.model.blocks[1].ff]
