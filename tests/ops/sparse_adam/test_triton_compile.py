@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+from ..._extras import importorskip
+importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[3]
 
