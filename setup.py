@@ -19,7 +19,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.7", "triton", "faiss-cpu>=1.7",
+        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.7", "tqdm>=4.60", "triton", "faiss-cpu>=1.7",
                  "transformers>=4.40", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1",
                  "PEER-pytorch==0.2.2", "mkdocs>=1.6", "mkdocstrings[python]>=0.27"],
         "plot": ["matplotlib>=3.7"],

@@ -18,13 +18,16 @@ KNNAttention) and ``local`` (no memory).
     python examples/knn_long_document.py             # longer documents, more steps
 
 Prints a table of answer accuracy (distant and local facts) and saves ``results.json`` and
-``accuracy.png`` under ``--out``.
+``accuracy.png`` under ``--out``, and the table without timings as ``knn_long_document.md``, rendered by
+:func:`render` from ``knn_long_document.json``, under ``--results`` (``--quick --results benchmarks/results``:
+the README's table). Seeded, one thread by default: the same settings give the same table on every run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -158,6 +161,51 @@ def save_plot(results, path: Path, chance: float):
     plt.close(fig)
 
 
+def command_line(argv) -> str:
+    """The command that reproduces this run, as typed from the repository root (``--out`` left out: it moves
+    only the picture and ``results.json``)."""
+    args, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--out":
+            i += 2
+            continue
+        if not argv[i].startswith("--out="):
+            args.append(argv[i])
+        i += 1
+    return shlex.join(["python", "examples/knn_long_document.py", *args])
+
+
+def results_table(args, argv, results) -> dict:
+    """What ``knn_long_document.md`` shows, as plain numbers (no timings: those change from run to run)."""
+    config = ("steps", "segments", "seq_len", "batch_size", "distant_facts", "local_facts", "num_values", "threads",
+              "seed")
+    return dict(command=command_line(argv), config={k: getattr(args, k) for k in config},
+                chance=1 / args.num_values,
+                models={name: dict(params=r["params"], distant=r["final"]["distant"], local=r["final"]["local"])
+                        for name, r in results.items()})
+
+
+def render(table: dict) -> str:
+    """The markdown of ``knn_long_document.json``: everything in it comes from ``table``."""
+    c = table["config"]
+    lines = [f"`{table['command']}` ({c['steps']:,} steps of {c['batch_size']} documents of {c['segments']} x "
+             f"{c['seq_len']} tokens, seed {c['seed']}, {c['threads']} thread{'s' if c['threads'] != 1 else ''}); "
+             f"answer accuracy on the last segment, chance {table['chance']:.1%} ({c['num_values']} values):", "",
+             "| model | parameters | distant facts | local facts |", "| --- | ---: | ---: | ---: |"]
+    for name, m in table["models"].items():
+        lines.append(f"| {name} | {m['params']:,} | {m['distant']:.1%} | {m['local']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(table: dict, folder: Path, name: str = "knn_long_document") -> list:
+    """``<folder>/<name>.json`` and the markdown rendered from it, ``<folder>/<name>.md``; returns both paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.json", folder / f"{name}.md"]
+    paths[0].write_text(json.dumps(table, indent=1) + "\n")
+    paths[1].write_text(render(table))
+    return paths
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # options whose default depends on --quick say it in their help
         return action.help if action.default is None else super()._get_help_string(action)
@@ -184,7 +232,11 @@ def main(argv=None, log=print):
     p.add_argument("--eval-batches", type=int, default=4, help="batches per evaluation")
     p.add_argument("--threads", type=int, default=1, help="torch threads (a tiny model: more only add overhead)")
     p.add_argument("--seed", type=int, default=0, help="seed of the models and the documents")
-    p.add_argument("--out", type=Path, default=Path("runs/knn_long_document"), help="folder for all outputs")
+    p.add_argument("--out", type=Path, default=Path("runs/knn_long_document"),
+                   help="folder for the picture and results.json")
+    p.add_argument("--results", type=Path, default=None,
+                   help="folder for the table, knn_long_document.md and .json (default: --out)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     args.steps = args.steps or (1500 if args.quick else 3000)
     args.segments = args.segments or (3 if args.quick else 8)
@@ -215,7 +267,8 @@ def main(argv=None, log=print):
     save_plot(results, args.out / "accuracy.png", chance)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     (args.out / "results.json").write_text(json.dumps({"config": config, "results": results}, indent=1))
-    log(f"saved {args.out / 'accuracy.png'} and {args.out / 'results.json'}")
+    tables = write_results(results_table(args, argv, results), args.results or args.out)
+    log(f"saved {args.out / 'accuracy.png'}, {args.out / 'results.json'}, {tables[0]} and {tables[1]}")
     return results
 
 

@@ -16,7 +16,11 @@ Two models train on the same batches in the same order:
 
 Run ``python examples/train_lm.py --quick`` for a few minutes on 2 CPU cores; see ``--help``.
 Needs the examples' extras (tqdm, matplotlib): ``pip install -e ".[examples]"`` in a checkout.
-Writes ``val_curves.png``, ``results.json`` and ``memory_usage_pkm.png`` under ``--out``.
+Writes ``val_curves.png``, ``results.json`` and ``memory_usage_pkm.png`` under ``--out``, and the
+tables (bits per byte, the validation curve, the memory-usage statistics) as ``train_lm.md``, rendered
+by :func:`render` from ``train_lm.json``, under ``--results`` (``--results benchmarks/results``: the
+README's tables). Seeded and one thread by default: the same settings give the same tables on every run;
+``results.json`` also holds the training speed, which the tables leave out.
 
 Blocks are numbered from 1 as in ``TransformerLM(pkm_layers=...)``; module paths count from 0,
 so block 3 is ``blocks.2`` and its PKM ``blocks.2.ff``. Printed names show both.
@@ -29,6 +33,7 @@ import hashlib
 import importlib
 import json
 import math
+import shlex
 import sys
 import sysconfig
 import time
@@ -245,10 +250,11 @@ def train(name, model, train_data, val_batches, args):
 
 
 def print_usage(name, r, out_dir: Path):
+    """Prints the usage statistics of the model's memory layers; returns the path of their plot, or ``None``."""
     if r["tracker"] is None:
         if any(isinstance(m, (PKM, PEER, UltraMem)) for m in r["model"].modules()):
             print("memory-usage statistics: this version of product_key_memory has no MemoryUsageTracker (skipped)")
-        return
+        return None
     print(f"memory usage of the {name} model's PKM layers on the validation batches:")
     keys = ("used_fraction", "kl_uniform", "kl_uniform_weighted", "gini", "slots_50", "slots_90", "slots_99")
     for layer, s in r["usage"][-1][1].items():
@@ -257,9 +263,10 @@ def print_usage(name, r, out_dir: Path):
     try:
         from product_key_memory import save_usage_plot
     except ImportError:
-        return
-    save_usage_plot(r["tracker"], out_dir / f"memory_usage_{name}.png", title=f"{name}: slot usage on validation")
-    print(f"  saved {out_dir / f'memory_usage_{name}.png'}")
+        return None
+    path = out_dir / f"memory_usage_{name}.png"
+    save_usage_plot(r["tracker"], path, title=f"{name}: slot usage on validation")
+    return path
 
 
 @torch.no_grad()
@@ -307,6 +314,83 @@ def require_extras(names=("tqdm", "matplotlib")):
                  f'pip install -e ".[examples]" in a checkout of product-key-memory (tqdm, matplotlib)')
 
 
+# ------------------------------------------------------------------------------ results
+
+USAGE_KEYS = ("used_fraction", "kl_uniform", "kl_uniform_weighted", "gini", "slots_50", "slots_90", "slots_99")
+CONFIG_KEYS = ("steps", "batch_size", "seq_len", "dim", "depth", "memory", "num_keys", "topk", "pkm_heads",
+               "pkm_layers", "seed", "threads")
+
+
+def command_line(argv) -> str:
+    """The command that reproduces this run, as typed from the repository root (``--out`` left out: it moves
+    only the pictures and ``results.json``)."""
+    args, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--out":
+            i += 2
+            continue
+        if not argv[i].startswith("--out="):
+            args.append(argv[i])
+        i += 1
+    return shlex.join(["python", "examples/train_lm.py", *args])
+
+
+def results_table(args, argv, results, info) -> dict:
+    """What ``train_lm.md`` shows, as plain numbers: seeded, so the same for every run of the same settings."""
+    return dict(
+        command=command_line(argv),
+        config={k: getattr(args, k) for k in CONFIG_KEYS},
+        data=dict(python=sys.version.split()[0], train_files=info["train_files"], val_files=info["val_files"]),
+        models={name: dict(params=r["params"], macs_per_token=r["macs_per_token"], final_bpb=r["final_bpb"],
+                           curve=[list(point) for point in r["curve"]]) for name, r in results.items()},
+        usage={name: {layer: {k: s[k] for k in ("slots", *USAGE_KEYS) if k in s} for layer, s in r["usage"][-1][1].items()}
+               for name, r in results.items() if r["usage"] is not None and r["usage"][-1][1]},
+    )
+
+
+def render(table: dict) -> str:
+    """The markdown of ``train_lm.json``: everything in it comes from ``table``."""
+    c, models = table["config"], table["models"]
+    tokens = c["steps"] * c["batch_size"] * c["seq_len"]
+    lines = [f"`{table['command']}` ({c['steps']:,} steps of {c['batch_size']} x {c['seq_len']} bytes, "
+             f"{tokens / 1e6:.1f}M training bytes, seed {c['seed']}, {c['threads']} thread"
+             f"{'s' if c['threads'] != 1 else ''}; {table['data']['train_files']:,} train and "
+             f"{table['data']['val_files']:,} validation files of the standard library of Python {table['data']['python']}):", "",
+             "| model | val bits/byte | parameters | MACs/token |", "| --- | ---: | ---: | ---: |"]
+    for name, m in models.items():
+        lines.append(f"| {name} | {m['final_bpb']:.3f} | {m['params'] / 1e6:.2f}M | {m['macs_per_token']:,} |")
+    steps = [s for s, _ in next(iter(models.values()))["curve"] if s > 0]
+    lines += ["", "Validation bits per byte during training:", "",
+              "| step | " + " | ".join(f"{s:,}" for s in steps) + " |", "| --- |" + " ---: |" * len(steps)]
+    for name, m in models.items():
+        bpb = dict((s, b) for s, b in m["curve"])
+        lines.append(f"| {name} | " + " | ".join(f"{bpb[s]:.3f}" for s in steps) + " |")
+    for name, layers in table["usage"].items():
+        lines += ["", f"Memory usage of the {name} model's memory layers on the validation batches, at the end:", "",
+                  "| block | slots | used | KL | KL (weighted) | Gini | slots for 50% / 90% / 99% |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for layer, s in layers.items():
+            lines.append(f"| {block_label(layer)} | {s['slots']:,} | {s['used_fraction']:.1%} | {s['kl_uniform']:.2f} | "
+                         f"{s['kl_uniform_weighted']:.2f} | {s['gini']:.3f} | "
+                         f"{s['slots_50']:,} / {s['slots_90']:,} / {s['slots_99']:,} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(table: dict, folder: Path, name: str = "train_lm") -> list:
+    """``<folder>/<name>.json`` and the markdown rendered from it, ``<folder>/<name>.md``; returns both paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.json", folder / f"{name}.md"]
+    paths[0].write_text(json.dumps(table, indent=1) + "\n")
+    paths[1].write_text(render(table))
+    return paths
+
+
+def saved_line(paths) -> str:
+    """``saved a, b and c``: the last line a run prints, naming every file it wrote."""
+    paths = [str(p) for p in paths]
+    return "saved " + (", ".join(paths[:-1]) + " and " + paths[-1] if len(paths) > 1 else paths[0])
+
+
 # --quick: the default models for 400 steps instead of 2000 (a few minutes on one CPU core)
 QUICK = dict(steps=400, warmup=40, eval_every=50, eval_batches=8, sample_bytes=100)
 
@@ -347,9 +431,13 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; more help only on an otherwise idle machine")
     p.add_argument("--seed", type=int, default=0, help="seed of the models and the batches")
-    p.add_argument("--out", type=Path, default=Path("runs/train_lm"), help="folder for all outputs")
+    p.add_argument("--out", type=Path, default=Path("runs/train_lm"),
+                   help="folder for the pictures and results.json")
+    p.add_argument("--results", type=Path, default=None,
+                   help="folder for the tables, train_lm.md and train_lm.json (default: --out)")
     if "--quick" in (argv if argv is not None else sys.argv[1:]):
         p.set_defaults(**QUICK)  # explicit flags still win
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     require_extras()
 
@@ -369,13 +457,13 @@ def main(argv=None):
     print(f"PKM in {blocks}; the dense model has a {hidden}-wide feedforward there "
           f"(others {args.ff_mult * args.dim}); MACs/token: pkm {macs['pkm']:,}, dense {macs['dense']:,}")
 
-    results = {}
+    results, written = {}, []
     for name, model in models.items():
         r = train(name, model, train_data, val_batches, args)
         r.update(model=model, params=sum(p.numel() for p in model.parameters()), macs_per_token=macs[name],
                  final_bpb=r["curve"][-1][1])
         results[name] = r
-        print_usage(name, r, args.out)
+        written.append(print_usage(name, r, args.out))
 
     print(f"\nsample from the pkm model (prompt|>continuation):\n{sample_text(models['pkm'], val_data, args)}\n")
 
@@ -389,7 +477,9 @@ def main(argv=None):
     for name, r in results.items():
         print(f"| {name} | {r['final_bpb']:.3f} | {r['params'] / 1e6:.2f}M | {r['macs_per_token'] / 1e6:.2f}M "
               f"| {r['tokens_per_s']:,.0f} |")
-    print(f"\nsaved {png} and {args.out / 'results.json'}")
+    written += [png, args.out / "results.json", *write_results(results_table(args, argv, results, info),
+                                                                 args.results or args.out)]
+    print("\n" + saved_line(p for p in written if p is not None))
     return results
 
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from product_key_memory import functional as PF
+
+from ._extras import given, settings, st
 
 
 def random_search_inputs(lead, heads, num_keys, dim_key, dtype=torch.float64):

@@ -70,6 +70,8 @@ class _Imports(ast.NodeVisitor):
             parts = parts[: len(parts) - node.level + 1]
             base = ".".join(parts + ([base] if base else []))
         names = [base]
+        if base.split(".")[0] != "product_key_memory":
+            return  # another project's module, maybe not installed (an extra): find_spec would import its parent
         for a in node.names:  # `from . import x` may name a submodule
             if importlib.util.find_spec(base) and importlib.util.find_spec(base).submodule_search_locations:
                 if importlib.util.find_spec(f"{base}.{a.name}") is not None:

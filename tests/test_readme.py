@@ -15,6 +15,8 @@ from typing import List, NamedTuple
 
 import pytest
 
+from . import _extras
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 PYTHON_INFO = {"python", "py", "python3"}  # the info strings GitHub highlights as Python
@@ -78,5 +80,9 @@ def test_readme_block_runs(block, tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail(f"README.md line {block.line} ({block.heading}): still running after {TIMEOUT_S} s")
     if run.returncode != 0:
+        # a block of an optional integration skips on an install without its extra (tests/_extras.py names it)
+        missing = re.findall(r"ModuleNotFoundError: No module named '([\w.]+)'", run.stderr)
+        if missing and missing[-1].split(".")[0] in _extras.EXTRAS and _extras.missing(missing[-1].split(".")[0]):
+            pytest.skip(_extras.reason(missing[-1].split(".")[0]))
         pytest.fail(f"README.md line {block.line} ({block.heading}) exited {run.returncode}:\n{run.stderr[-3000:]}",
                     pytrace=False)

@@ -8,6 +8,8 @@ from torch import nn
 
 from product_key_memory import PKM, MemoryPlus, MemoryUsageTracker, ValuePool, ValueTable, save_usage_plot, usage_statistics
 
+from .._extras import importorskip
+
 
 def small_pkm(**kw):
     return PKM(16, heads=2, num_keys=4, topk=2, dim_head=8, **kw)
@@ -154,7 +156,7 @@ def test_tracker_finds_a_table_of_the_users_own_inside_memory_plus():
 
 
 def test_save_usage_plot(tmp_path):
-    pytest.importorskip("matplotlib")
+    importorskip("matplotlib")
     model = nn.ModuleList([small_pkm(), small_pkm(), small_pkm()])
     tracker = MemoryUsageTracker(model)
     with tracker:

@@ -1,17 +1,14 @@
 """benchmarks/bench_knn_lm.py --quick runs end to end against the peer (skipped where the peer is not installed)."""
 
-import importlib.util
 import sys
 from pathlib import Path
 
-import pytest
+from .._extras import needs
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("memorizing_transformers_pytorch") is None,
-                    reason="memorizing-transformers-pytorch 0.4.1 not installed (pip install --no-deps "
-                           "memorizing-transformers-pytorch==0.4.1 faiss-cpu joblib cloudpickle einops-exts)")
+@needs("memorizing_transformers_pytorch")
 def test_quick_mode_measures_both_libraries(tmp_path):
     sys.path.insert(0, str(ROOT))
     from benchmarks.bench_knn_lm import main

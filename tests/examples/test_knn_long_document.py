@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("matplotlib")
+from .._extras import importorskip
+
+importorskip("matplotlib")
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,7 +48,13 @@ def test_tiny_run_prints_the_table_and_saves_plot_and_results(example, tmp_path)
     assert table[0] == "| model | parameters | distant facts | local facts | train time |"
     assert [row.split("|")[1].strip() for row in table[2:]] == ["knn", "local"]
     assert any(line.startswith("chance: ") for line in lines)
-    assert lines[-1] == f"saved {tmp_path / 'accuracy.png'} and {tmp_path / 'results.json'}"
+    assert lines[-1] == (f"saved {tmp_path / 'accuracy.png'}, {tmp_path / 'results.json'}, "
+                         f"{tmp_path / 'knn_long_document.json'} and {tmp_path / 'knn_long_document.md'}")
+    table = json.loads((tmp_path / "knn_long_document.json").read_text())
+    assert (tmp_path / "knn_long_document.md").read_text() == example.render(table)
+    assert table["command"].startswith("python examples/knn_long_document.py --quick --steps 2 ")
+    for name in ("knn", "local"):
+        assert table["models"][name] == dict(params=results[name]["params"], **results[name]["final"])
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["config"]["steps"] == 2 and set(saved["results"]) == {"knn", "local"}

@@ -7,8 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("tqdm")
-pytest.importorskip("matplotlib")
+from .._extras import importorskip
+
+importorskip("tqdm")
+importorskip("matplotlib")
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,8 +31,9 @@ def test_validation_split_is_a_function_of_the_path(train_lm):
 
 
 def test_tiny_run_end_to_end(train_lm, tmp_path, capsys):
-    results = train_lm.main(["--quick", "--steps", "2", "--eval-every", "1", "--eval-batches", "1", "--batch-size", "2",
-                             "--seq-len", "16", "--sample-bytes", "4", "--out", str(tmp_path)])
+    argv = ["--quick", "--steps", "2", "--eval-every", "1", "--eval-batches", "1", "--batch-size", "2",
+            "--seq-len", "16", "--sample-bytes", "4"]
+    results = train_lm.main([*argv, "--out", str(tmp_path)])
     assert results["pkm"]["macs_per_token"] == results["dense"]["macs_per_token"], "compute per token must match"
     assert results["pkm"]["params"] > results["dense"]["params"]
     assert [s for s, _ in results["pkm"]["curve"]] == [0, 1, 2]
@@ -39,6 +42,30 @@ def test_tiny_run_end_to_end(train_lm, tmp_path, capsys):
     assert saved["pkm"]["usage"][-1][1]["blocks.2.ff"]["slots"] == 128**2  # module paths in the JSON
     printed = capsys.readouterr().out
     assert "PKM in block 3 (blocks.2.ff)" in printed and "  block 3 (blocks.2.ff): 16,384 slots" in printed, printed
+    table = json.loads((tmp_path / "train_lm.json").read_text())
+    assert (tmp_path / "train_lm.md").read_text() == train_lm.render(table)
+    assert table["command"] == "python examples/train_lm.py " + " ".join(argv), "--out is left out of the command"
+    assert table["models"]["pkm"]["curve"] == [list(p) for p in results["pkm"]["curve"]]
+    assert table["usage"]["pkm"]["blocks.2.ff"]["slots"] == 128**2
+
+
+def saved_paths(line: str) -> set:
+    """The paths of a ``saved a, b and c`` line."""
+    assert line.startswith("saved "), line
+    head, _, last = line[len("saved "):].rpartition(" and ")
+    return set(filter(None, head.split(", "))) | {last}
+
+
+def test_the_saved_line_names_every_file_written(train_lm, tmp_path, capsys):
+    out, tables = tmp_path / "out", tmp_path / "tables"
+    train_lm.main(["--quick", "--steps", "1", "--eval-every", "1", "--eval-batches", "1", "--batch-size", "2",
+                   "--seq-len", "16", "--sample-bytes", "2", "--out", str(out), "--results", str(tables)])
+    last = capsys.readouterr().out.rstrip("\n").splitlines()[-1]
+    written = {str(p) for p in tmp_path.rglob("*") if p.is_file()}
+    assert saved_paths(last) == written, last
+    assert {Path(p).name for p in written} == {"val_curves.png", "results.json", "memory_usage_pkm.png",
+                                                "train_lm.json", "train_lm.md"}
+    assert {p.name for p in tables.iterdir()} == {"train_lm.json", "train_lm.md"}
 
 
 def test_block_label(train_lm):

@@ -5,7 +5,8 @@ import torch
 from torch.testing import assert_close
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tiny random configs only: never download
-transformers = pytest.importorskip("transformers")
+from .._extras import importorskip
+transformers = importorskip("transformers")
 
 from product_key_memory import PKM, fetch_optimizer_parameters  # noqa: E402
 from product_key_memory.integrations.hf import add_pkm, apply_pkm_from_config, find_blocks, from_pretrained  # noqa: E402

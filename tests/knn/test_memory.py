@@ -8,6 +8,8 @@ from product_key_memory import KNNMemory
 import product_key_memory.knn.memory as knn_module
 from product_key_memory.knn.memory import GROUP_SIZE, KNNMemoryList, exact_search
 
+from .._extras import importorskip
+
 
 def brute_force(memory: KNNMemory, queries: torch.Tensor, topk: int, rows=None):
     """Per query: live slots sorted by (inner product desc, slot asc), the first topk; mask where they exist."""
@@ -229,7 +231,7 @@ def test_search_on_cuda_equals_cpu():
 
 
 def test_faiss_backend_recall_and_fifo_eviction():
-    pytest.importorskip("faiss")
+    importorskip("faiss")
     torch.manual_seed(0)
     memory = KNNMemory(16, max_memories=2000, num_indices=2, backend="faiss", faiss_nlist=16, faiss_nprobe=8)
     exact = KNNMemory(16, max_memories=2000, num_indices=2)
@@ -301,7 +303,7 @@ def test_memory_list_slices_and_clear_memory_as_the_peer():
 @pytest.mark.parametrize("backend", ["exact", "faiss"])
 def test_clear_where_equals_clear_of_those_rows(backend):
     if backend == "faiss":
-        pytest.importorskip("faiss")
+        importorskip("faiss")
     torch.manual_seed(0)
     made = [KNNMemory(4, 16, 3, backend=backend, faiss_nlist=2, faiss_train_size=16) for _ in range(2)]
     batch = torch.randn(3, 20, 2, 4)
@@ -321,7 +323,7 @@ def test_clear_where_equals_clear_of_those_rows(backend):
 
 def test_faiss_index_holds_exactly_the_live_memories_after_eviction():
     """Probing every inverted list makes IVF exact: its answers must then be brute force over the live buffer."""
-    pytest.importorskip("faiss")
+    importorskip("faiss")
     torch.manual_seed(1)
     memory = KNNMemory(16, max_memories=500, num_indices=2, backend="faiss", faiss_nlist=8, faiss_nprobe=1)
     exact = KNNMemory(16, max_memories=500, num_indices=2)

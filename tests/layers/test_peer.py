@@ -2,8 +2,6 @@
 PEER-pytorch 0.2.2 (its state dict, outputs and gradients), and with the library's optimizer,
 usage tracker and torch.compile."""
 
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +9,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from product_key_memory import PEER, ExpertValues, MemoryUsageTracker, build_optimizer, fetch_optimizer_parameters
+
+from .._extras import needs
 
 DIM, HEADS, NUM_EXPERTS, PER_HEAD = 16, 3, 64, 4  # 8 x 8 sub-keys
 
@@ -208,10 +208,7 @@ def test_compile_inductor_fullgraph_training_step_matches_eager():
 
 # ---- PEER-pytorch 0.2.2 itself
 
-needs_peer_pytorch = pytest.mark.skipif(
-    importlib.util.find_spec("PEER_pytorch") is None,
-    reason="PEER-pytorch is not installed (pip install PEER-pytorch==0.2.2, in the test extra)",
-)
+needs_peer_pytorch = needs("PEER_pytorch")
 
 PEER_PYTORCH_CONFIGS = dict(CONFIGS)
 PEER_PYTORCH_CONFIGS.pop("relu_all_experts")  # PEER-pytorch cannot keep more than one expert with relu gates

@@ -18,6 +18,8 @@ if not torch.cuda.is_available():
 
 from product_key_memory import PEER, build_optimizer, use_backend  # noqa: E402
 
+from .._extras import importorskip
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 SIZES = [
@@ -41,7 +43,7 @@ def _step(layer, x, backend):
 @pytest.mark.parametrize("sizes, shape", SIZES)
 def test_backend_matches_torch(backend, sizes, shape):
     if backend == "triton":
-        pytest.importorskip("triton")
+        importorskip("triton")
     torch.manual_seed(0)
     layer = PEER(non_competing_scores=False, device=DEVICE, **sizes)
     x = torch.randn(*shape, sizes["dim"], device=DEVICE)

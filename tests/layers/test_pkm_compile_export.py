@@ -9,6 +9,8 @@ from torch.testing import assert_close
 
 from product_key_memory import PKM, TransformerLM
 
+from .._extras import importorskip
+
 SMALL = dict(heads=2, num_keys=8, topk=4, dim_head=16)
 VARIANTS = {
     "default": SMALL,
@@ -88,9 +90,9 @@ def test_torch_export_with_dynamic_batch_and_sequence(variant):
 
 
 def run_onnx(model, example, inputs, dynamic_shapes, tmp_path):
-    pytest.importorskip("onnx")
-    pytest.importorskip("onnxscript")
-    ort = pytest.importorskip("onnxruntime")
+    importorskip("onnx")
+    importorskip("onnxscript")
+    ort = importorskip("onnxruntime")
     path = tmp_path / "model.onnx"
     program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False)
     program.save(str(path))

@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-pytest.importorskip("triton")
+from .._extras import importorskip
+importorskip("triton")
 
 from product_key_memory import PKM, build_optimizer, use_backend  # noqa: E402
 

@@ -3,11 +3,11 @@ and the fast path held to the reference path over random configurations."""
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from product_key_memory import PKM, functional as PF, ops
 from product_key_memory.functional import reference_path
+
+from .._extras import HealthCheck, given, settings, st
 
 SIZES = dict(heads=2, num_keys=8, topk=4, dim_head=8)
 

@@ -6,8 +6,6 @@ the entry (under the interpreter on CPU) at one small size.
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch.library import opcheck
 from torch.testing import assert_close
 
@@ -17,13 +15,13 @@ from product_key_memory.ops import search as entry
 from product_key_memory.ops.search import reference, torch_impl
 from product_key_memory.ops.topk.reference import topk_lower_index as stable_topk
 
+from ..._extras import given, needs, settings, st
 from .._tracing import GraphCapture, dispatched_pkm_ops, pkm_targets
 
 HYP = settings(max_examples=25, deadline=None)
 # scores: float32 sums in another order (float64 for float64 input)
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-9)}
-BACKENDS = ["reference", "torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not ops.triton_available(), reason="needs triton"))]
+BACKENDS = ["reference", "torch", pytest.param("triton", marks=needs("triton"))]
 
 
 def _grads(outputs, inputs, upstream):

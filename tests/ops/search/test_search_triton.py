@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-pytest.importorskip("triton")
+from ..._extras import importorskip
+importorskip("triton")
 
 from product_key_memory import functional as PF  # noqa: E402
 from product_key_memory import use_backend  # noqa: E402

@@ -14,6 +14,8 @@ from product_key_memory import use_backend
 from product_key_memory.ops.sparse_adam import route, sparse_adam_step_
 from product_key_memory.ops.sparse_adam.reference import sparse_adam_step_reference_
 
+from ..._extras import importorskip
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # float32 compute against float64: a few roundings of values of size ~1; half storage: one rounding
 TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12),
@@ -64,7 +66,7 @@ def check(state, want, dtype, moment_dtype):
 @pytest.mark.parametrize("parts", ["step", "catch_up+step", "catch_up"])
 def test_equals_reference(backend, D, dtype, moment_dtype, options, parts):
     if backend == "triton":
-        pytest.importorskip("triton")
+        importorskip("triton")
     gen = torch.Generator().manual_seed(D)
     state = make_state(20, D, dtype, moment_dtype, gen)
     want = [t.clone() for t in state]
@@ -82,7 +84,7 @@ def test_equals_reference(backend, D, dtype, moment_dtype, options, parts):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_padding_rows_and_untouched_rows_stay(backend):
     if backend == "triton":
-        pytest.importorskip("triton")
+        importorskip("triton")
     gen = torch.Generator().manual_seed(1)
     state = make_state(10, 8, torch.float32, torch.float32, gen)
     before = [t.clone() for t in state]
@@ -123,7 +125,7 @@ def test_routes():
     assert route(t, t, t, None) == "torch"
     with use_backend("reference"):
         assert route(t, t, t, None) == "reference"
-    if pytest.importorskip("triton"):
+    if importorskip("triton"):
         with use_backend("triton"):
             assert route(t, t, t, None) == "triton"
             assert route(t, t, t, t) == "torch", "amsgrad takes the torch implementation"

@@ -6,12 +6,11 @@ not compute them), except that ``-0.0`` and ``+0.0`` are one value.
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from product_key_memory.ops import topk as entry
 from product_key_memory.ops.topk import export, reference, torch_impl
 
+from ..._extras import given, settings, st
 from .._tracing import call_targets
 
 HYP = settings(max_examples=40, deadline=None)

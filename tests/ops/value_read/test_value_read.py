@@ -5,16 +5,15 @@ size rule that picks the torch backward's route in test_routes.py."""
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch.library import opcheck
 from torch.testing import assert_close
 
 from product_key_memory import functional as PF
-from product_key_memory import ops, use_backend
+from product_key_memory import use_backend
 from product_key_memory.ops import value_read as entry
 from product_key_memory.ops.value_read import reference, torch_impl
 
+from ..._extras import given, needs, settings, st
 from .._tracing import GraphCapture, dispatched_pkm_ops, pkm_targets
 
 HYP = settings(max_examples=25, deadline=None)
@@ -23,8 +22,7 @@ TOL = {
     torch.float64: dict(atol=1e-10, rtol=1e-9),
     torch.bfloat16: dict(atol=2e-2, rtol=2e-2),  # one bf16 rounding of a sum, in another order
 }
-BACKENDS = ["reference", "torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not ops.triton_available(), reason="needs triton"))]
+BACKENDS = ["reference", "torch", pytest.param("triton", marks=needs("triton"))]
 
 
 def _dense(g):

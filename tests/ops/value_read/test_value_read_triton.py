@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-pytest.importorskip("triton")
+from ..._extras import importorskip
+importorskip("triton")
 
 from product_key_memory import functional as PF  # noqa: E402
 from product_key_memory.ops.value_read import reference  # noqa: E402
