@@ -249,7 +249,8 @@ def launch_config(rows: int, num_keys: int, topk: int, chunk: int = CHUNK) -> di
     program_keys = _PROGRAM_KEYS if one_chunk else _PROGRAM_KEYS // 2
     block_m = max(1, min(program_keys // width, triton.next_power_of_2(max(rows, 1))))
     return dict(BLOCK_M=block_m, T=t, CH=ch, ONE_CHUNK=one_chunk, P=p,
-                num_warps=4 if block_m * width < 1024 else 8)  # 1,024 keys at 4 warps spilled (sm_90)
+                # sm_90 spilled at 1,024 keys a row on 4 warps, and at 8 rows of 256 keys on 8 warps
+                num_warps=4 if width < 1024 else 8)
 
 
 @functools.lru_cache(maxsize=64)
