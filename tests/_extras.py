@@ -31,6 +31,8 @@ EXTRAS = {
     "onnxruntime": ("onnxruntime", "onnx"),
     "onnxscript": ("onnxscript", "onnx"),
     "PEER_pytorch": ("PEER-pytorch", "test"),
+    "mkdocs": ("mkdocs", "docs"),
+    "mkdocstrings": ("mkdocstrings", "docs"),
 }
 
 # optional packages no extra can hold, with the install line instead: 0.4.1 pins faiss-gpu, so it goes in

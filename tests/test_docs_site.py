@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from ._extras import importorskip
 from .test_readme import ROOT, README
 
 PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
@@ -15,8 +16,8 @@ IMAGE = re.compile(r"""<img\s[^>]*?src=["']([^"']+)["']|!\[[^\]]*\]\(([^)\s]+)""
 
 
 def test_site_builds_strict(tmp_path):
-    pytest.importorskip("mkdocs", reason="the docs tools are the extra `docs`: pip install -e '.[docs]'")
-    pytest.importorskip("mkdocstrings", reason="the docs tools are the extra `docs`: pip install -e '.[docs]'")
+    importorskip("mkdocs")
+    importorskip("mkdocstrings")
     run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     problems = [line for line in run.stderr.splitlines() if line.startswith(("WARNING", "ERROR"))]
