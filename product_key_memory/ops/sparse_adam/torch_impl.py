@@ -4,17 +4,26 @@ Each block is gathered, updated and copied back (``index_copy_``): on CPU with s
 ``index_add_`` is a slow scatter. The step's formulas and their order are those of
 ``torch.optim.Adam``'s single-tensor step, so a gradient holding every row gives Adam's numbers
 exactly. The catch-up of :mod:`.reference` runs first, in the parameter's precision (float32
-for half tables).
+for half tables). With the step count on the device, ``step_size`` and ``bc2_sqrt`` are 0-dim
+tensors (:func:`device_bias_corrections`) and the last update is written as tensor ops.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["sparse_adam_step_"]
+__all__ = ["sparse_adam_step_", "device_bias_corrections"]
+
+
+def device_bias_corrections(step: Tensor, lr: float, beta1: float, beta2: float) -> Tuple[Tensor, Tensor]:
+    """``(step_size, bc2_sqrt)`` of :mod:`.reference` as 0-dim float64 tensors on ``step``'s device,
+    computed there from the count ``step`` (clamped to ``>= 1``): nothing is read back to the host.
+    Float64, so that ``1 - beta2**step`` for ``beta2`` near 1 loses no digits to cancellation."""
+    t = step.detach().to(torch.float64).clamp(min=1.0)
+    return lr / (1 - torch.pow(beta1, t)), (1 - torch.pow(beta2, t)).sqrt()
 
 
 def sparse_adam_step_(
@@ -33,8 +42,8 @@ def sparse_adam_step_(
     weight_decay: float,
     decoupled_weight_decay: bool,
     maximize: bool,
-    step_size: float,
-    bc2_sqrt: float,
+    step_size: Union[float, Tensor],
+    bc2_sqrt: Union[float, Tensor],
     chunk_bytes: int,
 ) -> None:
     if rows.numel() and bool((rows < 0).any()):  # padding (a sync on CUDA; the Triton kernel skips it instead)
@@ -81,4 +90,8 @@ def sparse_adam_step_(
             v_r = torch.maximum(max_exp_avg_sq.index_select(0, r), v_r, out=v_r)
             max_exp_avg_sq.index_copy_(0, r, v_r)
         denom = v_r.sqrt_().div_(bc2_sqrt).add_(eps)
-        param.index_copy_(0, r, p_r.addcdiv_(m_r, denom, value=-step_size).to(param.dtype))
+        if isinstance(step_size, Tensor):  # addcdiv_ takes a number only: p - step_size * (m / denom)
+            p_r.sub_(torch.div(m_r, denom, out=denom).mul_(step_size))
+        else:
+            p_r.addcdiv_(m_r, denom, value=-step_size)
+        param.index_copy_(0, r, p_r.to(param.dtype))
