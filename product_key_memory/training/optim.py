@@ -343,7 +343,7 @@ class SparseRowAdam(torch.optim.Optimizer):
                 self._catch_up_rows(p, state, r, op_rows=r, to=to)
             return
         ages = (to - row_step[rows]).long()  # (U,), in [0, catch_up_window]
-        coeffs = window[_COEFFS][:, ages].t()  # (U, 4): d, b1, b2, s
+        coeffs = _coeffs_at(window, ages)  # (U, 4): d, b1, b2, s
         sparse_adam_step_(
             p.data, state["exp_avg"], state["exp_avg_sq"], rows if op_rows is None else op_rows, None,
             catch_up=coeffs, lr=0.0, betas=(0.0, 0.0), eps=0.0, step=1, chunk_bytes=self.chunk_bytes,
@@ -431,7 +431,7 @@ class SparseRowAdam(torch.optim.Optimizer):
             ages = (step - 1 - state[_ROW_STEP][op_rows.clamp(min=0)]).long()
             # rows read through the hook are up to date already; on CPU, skipping that no-op costs no sync
             if not _host_reads_free(p.device) or bool(ages.any()):
-                catch_up = state[_WINDOW][_COEFFS][:, ages].t()
+                catch_up = _coeffs_at(state[_WINDOW], ages)
         if rows.numel():
             sparse_adam_step_(
                 p, state["exp_avg"], state["exp_avg_sq"], op_rows, values, catch_up=catch_up,
@@ -499,7 +499,14 @@ class _CatchUpBeforeRead:
 # catch-up state: per-row step counters, the step they count to, the per-step numbers by age, the turn
 _ROW_STEP, _CLOCK, _WINDOW, _CURSOR = "catch_up_row_step", "catch_up_clock", "catch_up_window", "catch_up_cursor"
 _CATCH_UP_STATE = (_ROW_STEP, _CLOCK, _WINDOW, _CURSOR)
-_COEFFS = [0, 1, 2, 4]  # the window's rows that the op takes: d, b1, b2, s (row 3 is rho)
+
+
+def _coeffs_at(window: Tensor, ages: Tensor) -> Tensor:
+    """``(U, 4)``: the window's rows that the op takes, d, b1, b2, s (row 3 is rho), at columns
+    ``ages``. Sliced, not indexed by a list of rows: a list becomes a host tensor copied to the
+    device, a sync on CUDA that a captured graph cannot hold."""
+    cols = window[:, ages]  # (5, U)
+    return torch.cat((cols[:3], cols[4:])).t()
 
 
 _BOOL_OPTIONS = ("amsgrad", "maximize", "decoupled_weight_decay", "catch_up", "capturable")
