@@ -116,15 +116,16 @@ class SparseRowAdam(torch.optim.Optimizer):
     ``capturable=True`` (as ``torch.optim.Adam``'s): each parameter's ``state["step"]`` is a
     float32 tensor on its device, counted there, and the bias corrections are computed there
     from it (in the Triton kernel, or in tensor ops), so a step reads nothing back to the host
-    and a CUDA graph that captured ``step()`` (after warm-up steps outside the capture, which
-    make the state) replays it with the current count. ``lr``, ``betas``, ``eps`` and
+    and a CUDA graph that captured ``step()`` replays it with the current count. Capture after
+    a few warm-up steps outside the graph, which make the state. ``lr``, ``betas``, ``eps`` and
     ``weight_decay`` stay Python numbers baked into a captured graph: a scheduler that changes
     ``lr`` needs a new capture. ``catch_up=True`` works with it: its step clock, per-row counters
     and turn cursor are device tensors then, and its per-step numbers are computed on the device.
-    The first step of a table with ``catch_up`` and every row of the dense fallback are sync-free
-    too, but a step never makes state inside a capture: warm up first. Without ``capturable``
-    the count is a CPU tensor read by ``.item()`` (no device sync, but a captured graph would
-    replay the first step's bias correction forever; capturing such a step raises).
+    On CUDA a captured sparse step needs the Triton row update: ``amsgrad``, float64 or
+    non-contiguous tables take the torch implementation, which reads whether the rows hold
+    padding (a sync, which a capture refuses). Without ``capturable`` the count is a CPU tensor
+    read by ``.item()`` (no device sync, but a captured graph would replay the first step's bias
+    correction forever, so capturing such a step raises ``RuntimeError`` as in torch).
 
     Every option can also be set per parameter group (and edited there between steps;
     a group switched from ``catch_up=True`` to ``False`` first brings its rows up to date).
@@ -239,6 +240,8 @@ class SparseRowAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"] = _zeros_state(p)
                 elif group["capturable"] and state["step"].device != p.device:  # switched on, or a CPU state loaded
                     state["step"] = state["step"].to(dtype=torch.float32, device=p.device)
+                elif not group["capturable"] and state["step"].device.type != "cpu":  # read once, not every step
+                    state["step"] = state["step"].cpu()
                 if group["amsgrad"] and "max_exp_avg_sq" not in state:
                     state["max_exp_avg_sq"] = _zeros_state(p)
                 sparse_catch_up = p.grad.is_sparse and group["catch_up"]
