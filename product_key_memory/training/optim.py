@@ -121,11 +121,12 @@ class SparseRowAdam(torch.optim.Optimizer):
     ``weight_decay`` stay Python numbers baked into a captured graph: a scheduler that changes
     ``lr`` needs a new capture. ``catch_up=True`` works with it: its step clock, per-row counters
     and turn cursor are device tensors then, and its per-step numbers are computed on the device.
-    On CUDA a captured sparse step needs the Triton row update: ``amsgrad``, float64 or
-    non-contiguous tables take the torch implementation, which reads whether the rows hold
-    padding (a sync, which a capture refuses). Without ``capturable`` the count is a CPU tensor
-    read by ``.item()`` (no device sync, but a captured graph would replay the first step's bias
-    correction forever, so capturing such a step raises ``RuntimeError`` as in torch).
+    Every option works with it (``amsgrad`` and float64 tables take the torch row update, which
+    then keeps padding rows instead of dropping them with a host read). A row-sparse gradient
+    made without a host sync (the triton backend's read, on CUDA) keeps the whole training step
+    capturable. Without ``capturable`` the count is a CPU tensor read by ``.item()`` (no device
+    sync, but a captured graph would replay the first step's bias correction forever, so
+    capturing such a step raises ``RuntimeError`` as in torch).
 
     Every option can also be set per parameter group (and edited there between steps;
     a group switched from ``catch_up=True`` to ``False`` first brings its rows up to date).

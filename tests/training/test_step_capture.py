@@ -34,9 +34,17 @@ class _SyncsRaise:
         torch.cuda.set_sync_debug_mode("default")
 
 
+def _optimizer(model, amsgrad, **kw):
+    opt = build_optimizer(model, **kw)
+    for group in opt.param_groups:  # amsgrad's rows take the torch row update (padding kept, no host read)
+        group["amsgrad"] = amsgrad
+    return opt
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("catch_up", [False, True])
-def test_captured_training_step_replays_as_eager_steps(catch_up):
+@pytest.mark.parametrize("catch_up,amsgrad", [(False, False), (True, False), (False, True)],
+                         ids=["lazy", "catch-up", "amsgrad"])
+def test_captured_training_step_replays_as_eager_steps(catch_up, amsgrad):
     torch.manual_seed(0)
     start = PKM(64, heads=2, num_keys=16, topk=4, dim_head=16).cuda()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -44,14 +52,14 @@ def test_captured_training_step_replays_as_eager_steps(catch_up):
     kw = dict(lr=1e-3, pkm_learning_rate=1e-2, weight_decay=0.01, decoupled_weight_decay=True, catch_up=catch_up)
 
     eager = copy.deepcopy(start)
-    eager_opt = build_optimizer(eager, **kw)  # the ordinary optimizer: the count on the host
+    eager_opt = _optimizer(eager, amsgrad, **kw)  # the ordinary optimizer: the count on the host
     with use_backend("triton"):
         for x in xs:
             _loss_backward_step(eager, eager_opt, x)
             eager_opt.zero_grad(set_to_none=True)
 
     model = copy.deepcopy(start)
-    opt = build_optimizer(model, capturable=True, **kw)
+    opt = _optimizer(model, amsgrad, capturable=True, **kw)
     static_x = torch.empty_like(xs[0])
     with use_backend("triton"):
         side = torch.cuda.Stream()

@@ -94,6 +94,22 @@ def test_training_step_has_no_host_sync(monkeypatch, catch_up, capturable):
     assert rec.seen == [], f"ops that read back from the device: {sorted(set(rec.seen))}"
 
 
+def test_capturable_amsgrad_step_has_no_host_sync(monkeypatch):
+    """amsgrad's rows take the torch row update, which with a capturable count keeps its padding
+    rows instead of dropping them with a host read."""
+    model = _model("cpu")
+    opt = build_optimizer(model, lr=1e-3, pkm_learning_rate=1e-2, capturable=True)
+    for group in opt.param_groups:
+        group["amsgrad"] = True
+    x = torch.randn(3, 5, 16)
+    monkeypatch.setattr(optim_module, "_host_reads_free", lambda device: False)
+    with use_backend("triton"):
+        _step(model, opt, x)
+        with SyncRecorder() as rec:
+            _step(model, opt, x)
+    assert rec.seen == [], f"ops that read back from the device: {sorted(set(rec.seen))}"
+
+
 def test_recorder_sees_a_step_count_read():
     """Without ``capturable`` the step reads each count with ``.item()``, which the recorder sees
     when the counts are not allowed (as they are not with ``capturable=True`` above)."""
