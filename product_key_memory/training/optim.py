@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .._checks import check_positive_int
 from ..ops import empty_hugepage
-from ..ops.sparse_adam import sparse_adam_step_
+from ..ops.sparse_adam import device_bias_corrections, sparse_adam_step_
 from ..tables.base import ValueTable
 
 __all__ = ["fetch_pkm_value_parameters", "fetch_optimizer_parameters", "SparseRowAdam", "build_optimizer"]
@@ -113,10 +113,25 @@ class SparseRowAdam(torch.optim.Optimizer):
       ``m / sqrt(v)`` then grows without bound and ``eps`` decides the step); those raise
       ``ValueError``. ``maximize`` changes nothing in a zero-gradient step and is kept.
 
+    ``capturable=True`` (as ``torch.optim.Adam``'s): each parameter's ``state["step"]`` is a
+    float32 tensor on its device, counted there, and the bias corrections are computed there
+    from it (in the Triton kernel, or in tensor ops), so a step reads nothing back to the host
+    and a CUDA graph that captured ``step()`` replays it with the current count. Capture after
+    a few warm-up steps outside the graph, which make the state. ``lr``, ``betas``, ``eps`` and
+    ``weight_decay`` stay Python numbers baked into a captured graph: a scheduler that changes
+    ``lr`` needs a new capture. ``catch_up=True`` works with it: its step clock, per-row counters
+    and turn cursor are device tensors then, and its per-step numbers are computed on the device.
+    Every option works with it (``amsgrad`` and float64 tables take the torch row update, which
+    then keeps padding rows instead of dropping them with a host read). A row-sparse gradient
+    made without a host sync (the triton backend's read, on CUDA) keeps the whole training step
+    capturable. Without ``capturable`` the count is a CPU tensor read by ``.item()`` (no device
+    sync, but a captured graph would replay the first step's bias correction forever, so
+    capturing such a step raises ``RuntimeError`` as in torch).
+
     Every option can also be set per parameter group (and edited there between steps;
     a group switched from ``catch_up=True`` to ``False`` first brings its rows up to date).
-    Adam's implementation switches are accepted where they change nothing: ``foreach``
-    (there is one implementation), ``fused``, ``capturable`` and ``differentiable`` set
+    Adam's other implementation switches are accepted where they change nothing: ``foreach``
+    (there is one implementation), ``fused`` and ``differentiable`` set
     to ``False``/``None``; set to ``True``, or a group key that is an option of another
     ``torch.optim`` optimizer (``momentum``, ``nesterov``, ...), raises ``ValueError``
     rather than being ignored. Other keys (a scheduler's ``initial_lr``, your own tags)
@@ -129,6 +144,7 @@ class SparseRowAdam(torch.optim.Optimizer):
             ``torch.optim.Adam``.
         catch_up: dense Adam's result for rows missing from sparse gradients (above).
         catch_up_window: the most steps a row may fall behind (``catch_up`` only).
+        capturable: keep the step count on the device and never read it back (above).
         chunk_bytes: sparse rows are updated in blocks of about this many bytes, so the
             temporaries stay small and are reused instead of freshly mapped.
     """
@@ -147,6 +163,7 @@ class SparseRowAdam(torch.optim.Optimizer):
         catch_up: bool = False,
         catch_up_window: int = 4096,
         chunk_bytes: int = 1 << 20,
+        capturable: bool = False,
     ):
         check_positive_int("chunk_bytes", chunk_bytes)
         check_positive_int("catch_up_window", catch_up_window)
@@ -161,6 +178,7 @@ class SparseRowAdam(torch.optim.Optimizer):
             maximize=maximize,
             decoupled_weight_decay=decoupled_weight_decay,
             catch_up=catch_up,
+            capturable=capturable,
         )
         _check_group(defaults, "")
         defaults["betas"] = tuple(betas)
@@ -188,19 +206,24 @@ class SparseRowAdam(torch.optim.Optimizer):
         _check_group(self.param_groups[-1], f"param_groups[{len(self.param_groups) - 1}]: ")
 
     def load_state_dict(self, state_dict: Dict) -> None:
-        # torch casts floating state to the parameter's dtype; the per-step numbers stay float64
-        windows = {pid: st[_WINDOW] for pid, st in state_dict["state"].items() if _WINDOW in st}
+        # torch casts every tensor state to a floating parameter's dtype; the per-step numbers stay
+        # float64, the catch-up counters and cursor keep their integer dtypes
+        kept = {pid: {k: st[k] for k in (_WINDOW, _ROW_STEP, _CLOCK, _CURSOR) if isinstance(st.get(k), Tensor)}
+                for pid, st in state_dict["state"].items()}
         super().load_state_dict(state_dict)
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
-            if pid in windows:
-                self.state[p][_WINDOW] = windows[pid].to(dtype=torch.float64, device=p.device, copy=True)
+            for key, t in kept.get(pid, {}).items():
+                self.state[p][key] = t.to(dtype=t.dtype, device=p.device, copy=True)
 
     @torch.no_grad()
     def step(self, closure=None):
         for i, group in enumerate(self.param_groups):  # a group dict may have been edited since
             _check_group(group, f"param_groups[{i}]: ")
+        # as torch.optim.Adam: refuse to capture a step that is not capturable (older torch: the cuda_ name)
+        check = getattr(self, "_accelerator_graph_capture_health_check", None) or self._cuda_graph_capture_health_check
+        check()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -211,9 +234,15 @@ class SparseRowAdam(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.tensor(0.0)
+                    # as torch.optim.Adam: the count on the CPU, or on the device when capturable
+                    state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if group["capturable"]
+                                     else torch.tensor(0.0))
                     state["exp_avg"] = _zeros_state(p)
                     state["exp_avg_sq"] = _zeros_state(p)
+                elif group["capturable"] and state["step"].device != p.device:  # switched on, or a CPU state loaded
+                    state["step"] = state["step"].to(dtype=torch.float32, device=p.device)
+                elif not group["capturable"] and state["step"].device.type != "cpu":  # read once, not every step
+                    state["step"] = state["step"].cpu()
                 if group["amsgrad"] and "max_exp_avg_sq" not in state:
                     state["max_exp_avg_sq"] = _zeros_state(p)
                 sparse_catch_up = p.grad.is_sparse and group["catch_up"]
@@ -223,7 +252,7 @@ class SparseRowAdam(torch.optim.Optimizer):
                     for key in _CATCH_UP_STATE:
                         del state[key]
                 if sparse_catch_up and _ROW_STEP not in state:
-                    self._init_catch_up(p, state)
+                    self._init_catch_up(p, state, group["capturable"])
                 state["step"] += 1
                 if p.grad.is_sparse:
                     self._sparse_step(p, p.grad, state, group)
@@ -290,15 +319,21 @@ class SparseRowAdam(torch.optim.Optimizer):
 
     # -- internals -------------------------------------------------------------------------
 
-    def _init_catch_up(self, p: Tensor, state) -> None:
+    def _init_catch_up(self, p: Tensor, state, capturable: bool = False) -> None:
         """Every row counts as up to date at the current step (a fresh table, or a lazy state loaded)."""
-        now = int(state["step"].item())
-        state[_ROW_STEP] = torch.full((p.shape[0],), now, dtype=torch.int32, device=p.device)
-        state[_CLOCK] = torch.tensor(now, dtype=torch.int32, device=p.device)
+        if capturable:  # the count stays on the device: copied, not read
+            now = state["step"].to(device=p.device, dtype=torch.int32)
+            state[_ROW_STEP] = torch.empty(p.shape[0], dtype=torch.int32, device=p.device).copy_(now)
+            state[_CLOCK] = now.clone()
+            state[_CURSOR] = torch.zeros((), dtype=torch.int64, device=p.device)
+        else:
+            now = int(state["step"].item())
+            state[_ROW_STEP] = torch.full((p.shape[0],), now, dtype=torch.int32, device=p.device)
+            state[_CLOCK] = torch.tensor(now, dtype=torch.int32, device=p.device)
+            state[_CURSOR] = 0
         window = torch.ones(5, self.catch_up_window + 1, dtype=torch.float64, device=p.device)
         window[4] = 0
         state[_WINDOW] = window
-        state[_CURSOR] = 0
 
     def _catch_up_rows(self, p, state, rows, *, op_rows=None, to=None) -> None:
         """Rows ``rows`` (``None``: all, in blocks) to step ``to`` (the clock when ``None``), with the
@@ -312,19 +347,24 @@ class SparseRowAdam(torch.optim.Optimizer):
                 self._catch_up_rows(p, state, r, op_rows=r, to=to)
             return
         ages = (to - row_step[rows]).long()  # (U,), in [0, catch_up_window]
-        coeffs = window[_COEFFS][:, ages].t()  # (U, 4): d, b1, b2, s
+        coeffs = _coeffs_at(window, ages)  # (U, 4): d, b1, b2, s
         sparse_adam_step_(
             p.data, state["exp_avg"], state["exp_avg_sq"], rows if op_rows is None else op_rows, None,
             catch_up=coeffs, lr=0.0, betas=(0.0, 0.0), eps=0.0, step=1, chunk_bytes=self.chunk_bytes,
         )
         row_step[rows] = to
 
-    def _push_step(self, state, group, step: int) -> None:
-        """Shift the window one step: entry ``a`` takes a row from step ``step - a`` to ``step``."""
+    def _push_step(self, state, group, step) -> None:
+        """Shift the window one step: entry ``a`` takes a row from step ``step - a`` to ``step``
+        (an int, or a 0-dim int32 tensor on the device: then computed there)."""
         window = state[_WINDOW]
         beta1, beta2 = group["betas"]
         delta = 1 - group["lr"] * group["weight_decay"]  # decoupled (checked), else weight_decay == 0
-        c = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+        if isinstance(step, Tensor):
+            t = step.to(torch.float64)
+            c = group["lr"] * (1 - torch.pow(beta2, t)).sqrt() / (1 - torch.pow(beta1, t))
+        else:
+            c = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
         old = window[:, :-1].clone()
         window[0, 1:] = old[0] * delta
         window[1, 1:] = old[1] * beta1
@@ -333,7 +373,10 @@ class SparseRowAdam(torch.optim.Optimizer):
         window[4, 1:] = old[4] * delta + c * window[3, 1:]
         window[:4, 0] = 1
         window[4, 0] = 0
-        state[_CLOCK].fill_(step)
+        if isinstance(step, Tensor):
+            state[_CLOCK].copy_(step)
+        else:
+            state[_CLOCK].fill_(step)
 
     @staticmethod
     def _coefficients(state, group):
@@ -345,7 +388,11 @@ class SparseRowAdam(torch.optim.Optimizer):
 
     def _dense_step(self, p: Tensor, grad: Tensor, state, group) -> None:
         # the formulas of torch.optim.Adam's single-tensor step, in the same order
-        beta1, beta2, step_size, bc2_sqrt = self._coefficients(state, group)
+        if group["capturable"]:
+            beta1, beta2 = group["betas"]
+            step_size, bc2_sqrt = device_bias_corrections(state["step"], group["lr"], beta1, beta2)
+        else:
+            beta1, beta2, step_size, bc2_sqrt = self._coefficients(state, group)
         if group["maximize"]:
             grad = -grad
         if group["weight_decay"] != 0:
@@ -362,7 +409,10 @@ class SparseRowAdam(torch.optim.Optimizer):
         else:
             second = exp_avg_sq
         denom = (second.sqrt() / bc2_sqrt).add_(group["eps"])
-        p.addcdiv_(exp_avg, denom, value=-step_size)
+        if isinstance(step_size, Tensor):  # addcdiv_ takes a number only: p - step_size * (m / denom)
+            p.sub_(torch.div(exp_avg, denom, out=denom).mul_(step_size))
+        else:
+            p.addcdiv_(exp_avg, denom, value=-step_size)
 
     def _sparse_step(self, p: Tensor, grad: Tensor, state, group) -> None:
         if grad.sparse_dim() != 1:  # e.g. dense.to_sparse(): one index per element, make it row-sparse
@@ -377,18 +427,21 @@ class SparseRowAdam(torch.optim.Optimizer):
                 op_rows = rows
         elif not grad.is_coalesced():  # repeated rows (the triton read gives one entry per read), no host sync
             rows, op_rows, values = _merge_rows(rows, values)
-        step = int(state["step"].item())
+        capturable = group["capturable"]
+        # capturable: the count stays a tensor on the device, read by the op (and below) there
+        step = state["step"].to(torch.int32) if capturable else int(state["step"].item())
         catch_up = None
         if group["catch_up"]:  # rows first to the previous step, in the same pass as this one
             ages = (step - 1 - state[_ROW_STEP][op_rows.clamp(min=0)]).long()
             # rows read through the hook are up to date already; on CPU, skipping that no-op costs no sync
             if not _host_reads_free(p.device) or bool(ages.any()):
-                catch_up = state[_WINDOW][_COEFFS][:, ages].t()
+                catch_up = _coeffs_at(state[_WINDOW], ages)
         if rows.numel():
             sparse_adam_step_(
                 p, state["exp_avg"], state["exp_avg_sq"], op_rows, values, catch_up=catch_up,
                 max_exp_avg_sq=state["max_exp_avg_sq"] if group["amsgrad"] else None, lr=group["lr"],
-                betas=group["betas"], eps=group["eps"], step=step, weight_decay=group["weight_decay"],
+                betas=group["betas"], eps=group["eps"], step=state["step"] if capturable else step,
+                weight_decay=group["weight_decay"],
                 decoupled_weight_decay=group["decoupled_weight_decay"], maximize=group["maximize"],
                 chunk_bytes=self.chunk_bytes,
             )
@@ -399,8 +452,16 @@ class SparseRowAdam(torch.optim.Optimizer):
             n = p.shape[0]
             width = state[_WINDOW].shape[1] - 1
             k = min(n, -(-n // width))
-            turn = (torch.arange(k, device=p.device) + state[_CURSOR]) % n
-            state[_CURSOR] = (state[_CURSOR] + k) % n
+            cursor = state[_CURSOR]
+            if capturable and not isinstance(cursor, Tensor):  # a graph must read the turn's start, not bake it in
+                cursor = state[_CURSOR] = torch.tensor(cursor, dtype=torch.int64, device=p.device)
+            elif not capturable and isinstance(cursor, Tensor):
+                cursor = state[_CURSOR] = int(cursor)
+            turn = (torch.arange(k, device=p.device) + cursor) % n
+            if capturable:
+                cursor.add_(k).remainder_(n)
+            else:
+                state[_CURSOR] = (cursor + k) % n
             self._catch_up_rows(p, state, turn, to=step)
 
 
@@ -442,13 +503,19 @@ class _CatchUpBeforeRead:
 # catch-up state: per-row step counters, the step they count to, the per-step numbers by age, the turn
 _ROW_STEP, _CLOCK, _WINDOW, _CURSOR = "catch_up_row_step", "catch_up_clock", "catch_up_window", "catch_up_cursor"
 _CATCH_UP_STATE = (_ROW_STEP, _CLOCK, _WINDOW, _CURSOR)
-_COEFFS = [0, 1, 2, 4]  # the window's rows that the op takes: d, b1, b2, s (row 3 is rho)
 
 
-_BOOL_OPTIONS = ("amsgrad", "maximize", "decoupled_weight_decay", "catch_up")
-# torch.optim.Adam's implementation switches: the value that changes nothing here
-_SWITCHES = {"foreach": (None, True, False), "fused": (None, False), "capturable": (None, False),
-             "differentiable": (None, False)}
+def _coeffs_at(window: Tensor, ages: Tensor) -> Tensor:
+    """``(U, 4)``: the window's rows that the op takes, d, b1, b2, s (row 3 is rho), at columns
+    ``ages``. Sliced, not indexed by a list of rows: a list becomes a host tensor copied to the
+    device, a sync on CUDA that a captured graph cannot hold."""
+    cols = window[:, ages]  # (5, U)
+    return torch.cat((cols[:3], cols[4:])).t()
+
+
+_BOOL_OPTIONS = ("amsgrad", "maximize", "decoupled_weight_decay", "catch_up", "capturable")
+# torch.optim.Adam's other implementation switches: the value that changes nothing here
+_SWITCHES = {"foreach": (None, True, False), "fused": (None, False), "differentiable": (None, False)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -525,6 +592,7 @@ def build_optimizer(
     pkm_weight_decay: Optional[float] = None,
     decoupled_weight_decay: bool = False,
     catch_up: bool = False,
+    capturable: bool = False,
 ) -> SparseRowAdam:
     """The recommended optimizer set-up for a model holding PKM layers.
 
@@ -541,6 +609,11 @@ def build_optimizer(
     with it must be ``decoupled_weight_decay=True``. Which of the two learns better on the
     byte-level LM is measured in ``benchmarks/README.md`` (Optimizer: lazy or catch-up).
 
+    ``capturable=True`` keeps every step count on the device, for both groups (the value
+    tables and everything else, all stepped by the one :class:`SparseRowAdam`): with the
+    triton backend on CUDA a whole training step (forward, backward, ``step``) can then be
+    captured in a CUDA graph and replayed. ``lr`` is baked into the capture.
+
     Example::
 
         >>> opt = build_optimizer(model, lr=1e-3, pkm_learning_rate=1e-2)
@@ -552,7 +625,7 @@ def build_optimizer(
                 m.sparse = True
     groups = fetch_optimizer_parameters(module, pkm_learning_rate, pkm_weight_decay=pkm_weight_decay)
     opt = SparseRowAdam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        decoupled_weight_decay=decoupled_weight_decay, catch_up=catch_up)
+                        decoupled_weight_decay=decoupled_weight_decay, catch_up=catch_up, capturable=capturable)
     if catch_up:
         opt.attach(module)
     return opt

@@ -203,7 +203,7 @@ def test_adam_options_on_sparse_rows_touch_those_rows_only(options):
 def test_group_options_that_would_be_ignored_are_refused():
     p = torch.nn.Parameter(torch.randn(3))
     p.grad = torch.ones(3)
-    bad = [dict(fused=True), dict(capturable=True), dict(differentiable=True), dict(momentum=0.9),
+    bad = [dict(fused=True), dict(capturable="yes"), dict(differentiable=True), dict(momentum=0.9),
            dict(nesterov=True), dict(amsgrad="yes"), dict(maximize=1), dict(lr=-1.0)]
     for options in bad:
         key = next(iter(options))
@@ -219,7 +219,7 @@ def test_group_options_that_would_be_ignored_are_refused():
             opt.step()
         assert torch.equal(p.detach(), before), "a refused step changes nothing"
     # Adam's switches at values that change nothing, and bookkeeping keys, are accepted
-    fine = dict(foreach=True, fused=None, capturable=False, differentiable=False, initial_lr=0.1, name="values")
+    fine = dict(foreach=True, fused=None, capturable=True, differentiable=False, initial_lr=0.1, name="values")
     SparseRowAdam([{"params": [p], **fine}]).step()
 
 

@@ -5,8 +5,10 @@ for.
 On CPU the Triton kernels run under the interpreter, and a ``TorchDispatchMode`` records every op
 that would force a device-to-host read on a GPU (``nonzero``, ``.item()``, ``unique``, boolean-mask
 indexing, ...). The optimizer takes its GPU branch (``_host_reads_free`` patched to ``False``): on
-the CPU it may take cheaper data-dependent branches, which cost nothing there. The ``cuda`` tests
-run the same step under ``torch.cuda.set_sync_debug_mode("error")`` and inside a CUDA graph.
+the CPU it may take cheaper data-dependent branches, which cost nothing there. With
+``capturable=True`` not even the step counts are read (they live on the device). The ``cuda`` tests
+run the same step under ``torch.cuda.set_sync_debug_mode("error")`` and inside a CUDA graph
+(tests/training/test_step_capture.py replays it against eager steps).
 """
 
 import pytest
@@ -75,19 +77,50 @@ def _step(model, opt, x):
     opt.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("capturable", [False, True])
 @pytest.mark.parametrize("catch_up", [False, True])
-def test_training_step_has_no_host_sync(monkeypatch, catch_up):
+def test_training_step_has_no_host_sync(monkeypatch, catch_up, capturable):
     model = _model("cpu")
     opt = build_optimizer(model, lr=1e-3, pkm_learning_rate=1e-2, catch_up=catch_up,
-                          decoupled_weight_decay=catch_up)
+                          decoupled_weight_decay=catch_up, capturable=capturable)
     x = torch.randn(3, 5, 16)
     monkeypatch.setattr(optim_module, "_host_reads_free", lambda device: False)
     with use_backend("triton"):
         _step(model, opt, x)  # the optimizer's state is made in the first step
-        steps = [s["step"] for s in opt.state.values()]
+        # capturable: the counts live on the device, and nothing at all is read back (no .item())
+        steps = [] if capturable else [s["step"] for s in opt.state.values()]
         with SyncRecorder(allowed=steps) as rec:
             _step(model, opt, x)
     assert rec.seen == [], f"ops that read back from the device: {sorted(set(rec.seen))}"
+
+
+def test_capturable_amsgrad_step_has_no_host_sync(monkeypatch):
+    """amsgrad's rows take the torch row update, which with a capturable count keeps its padding
+    rows instead of dropping them with a host read."""
+    model = _model("cpu")
+    opt = build_optimizer(model, lr=1e-3, pkm_learning_rate=1e-2, capturable=True)
+    for group in opt.param_groups:
+        group["amsgrad"] = True
+    x = torch.randn(3, 5, 16)
+    monkeypatch.setattr(optim_module, "_host_reads_free", lambda device: False)
+    with use_backend("triton"):
+        _step(model, opt, x)
+        with SyncRecorder() as rec:
+            _step(model, opt, x)
+    assert rec.seen == [], f"ops that read back from the device: {sorted(set(rec.seen))}"
+
+
+def test_recorder_sees_a_step_count_read():
+    """Without ``capturable`` the step reads each count with ``.item()``, which the recorder sees
+    when the counts are not allowed (as they are not with ``capturable=True`` above)."""
+    model = _model("cpu")
+    opt = build_optimizer(model, lr=1e-3, pkm_learning_rate=1e-2)
+    x = torch.randn(3, 5, 16)
+    with use_backend("triton"):
+        _step(model, opt, x)
+        with SyncRecorder() as rec:
+            _step(model, opt, x)
+    assert "aten._local_scalar_dense.default" in rec.seen, rec.seen
 
 
 def test_training_step_on_triton_equals_torch_backend():
@@ -109,7 +142,7 @@ def test_training_step_on_triton_equals_torch_backend():
 @pytest.mark.cuda
 def test_cuda_training_step_has_no_sync_and_captures_in_a_cuda_graph():
     model = _model("cuda", sparse_dim=64)
-    opt = build_optimizer(model, lr=1e-3, pkm_learning_rate=1e-2)
+    opt = build_optimizer(model, lr=1e-3, pkm_learning_rate=1e-2, capturable=True)
     x = torch.randn(4, 32, 64, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -120,11 +153,15 @@ def test_cuda_training_step_has_no_sync_and_captures_in_a_cuda_graph():
     torch.cuda.set_sync_debug_mode("error")
     try:
         _step(model, opt, x)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            _step(model, opt, x)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # entering synchronizes the device on purpose: the mode is set inside
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _step(model, opt, x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     graph.replay()
     torch.cuda.synchronize()
     assert all(torch.isfinite(p).all() for p in model.parameters())

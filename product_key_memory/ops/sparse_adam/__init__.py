@@ -9,21 +9,26 @@ implementation; :class:`~product_key_memory.SparseRowAdam` calls nothing else.
 * ``triton`` (:mod:`.triton_impl`): one kernel, one program per row, the default for CUDA tensors
   when Triton imports (CPU tensors under ``TRITON_INTERPRET=1`` with ``use_backend("triton")``).
 
+``step`` may be a tensor on the table's device (a capturable optimizer's step count): the bias
+corrections are then computed on the device (in the kernel, or in torch ops), never read back to
+the host, so a CUDA graph that captured the step replays it with the current count.
+
 The update (catch-up coefficients, then Adam's step) is stated in :mod:`.reference`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from ..backend import backend_for
 from . import reference, torch_impl
+from .torch_impl import device_bias_corrections
 
-__all__ = ["sparse_adam_step_"]
+__all__ = ["sparse_adam_step_", "device_bias_corrections"]
 
 IMPLEMENTATIONS = ("reference", "torch", "triton")
 
@@ -35,7 +40,7 @@ def _sparse_adam_step_op(
     param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Optional[Tensor], rows: Tensor,
     grad_rows: Optional[Tensor], catch_up: Optional[Tensor], lr: float, beta1: float, beta2: float, eps: float,
     weight_decay: float, decoupled_weight_decay: bool, maximize: bool, step_size: float, bc2_sqrt: float,
-    chunk_bytes: int, impl: str,
+    step_t: Optional[Tensor], chunk_bytes: int, impl: str,
 ) -> None:
     if impl == "auto":  # chosen here, in eager code, when the entry was traced (use_backend is a ContextVar)
         impl = route(param, exp_avg, exp_avg_sq, max_exp_avg_sq)
@@ -45,11 +50,15 @@ def _sparse_adam_step_op(
     if impl == "triton":
         from . import triton_impl  # imports Triton only when used
 
-        triton_impl.sparse_adam_step_(param, exp_avg, exp_avg_sq, rows, grad_rows, catch_up, **kw)
+        triton_impl.sparse_adam_step_(param, exp_avg, exp_avg_sq, rows, grad_rows, catch_up, step_t=step_t, **kw)
     elif impl == "reference":
+        if step_t is not None:  # the specification reads the count (a host read; the fast paths do not)
+            kw.update(zip(("step_size", "bc2_sqrt"), _bias_corrections(float(step_t), lr, beta1, beta2)))
         reference.sparse_adam_step_reference_(param, exp_avg, exp_avg_sq, max_exp_avg_sq, rows, grad_rows,
                                               catch_up, **kw)
     else:
+        if step_t is not None:
+            kw.update(zip(("step_size", "bc2_sqrt"), torch_impl.device_bias_corrections(step_t, lr, beta1, beta2)))
         torch_impl.sparse_adam_step_(param, exp_avg, exp_avg_sq, max_exp_avg_sq, rows, grad_rows, catch_up,
                                      chunk_bytes=chunk_bytes, **kw)
 
@@ -57,8 +66,14 @@ def _sparse_adam_step_op(
 @_sparse_adam_step_op.register_fake
 def _sparse_adam_step_fake(param, exp_avg, exp_avg_sq, max_exp_avg_sq, rows, grad_rows, catch_up, lr, beta1,
                            beta2, eps, weight_decay, decoupled_weight_decay, maximize, step_size, bc2_sqrt,
-                           chunk_bytes, impl) -> None:
+                           step_t, chunk_bytes, impl) -> None:
     return None
+
+
+def _bias_corrections(step: float, lr: float, beta1: float, beta2: float):
+    """``(step_size, bc2_sqrt)`` of :mod:`.reference` for a step count held on the host."""
+    step = max(step, 1.0)
+    return lr / (1 - beta1**step), math.sqrt(1 - beta2**step)
 
 
 def route(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Optional[Tensor]) -> str:
@@ -87,7 +102,7 @@ def sparse_adam_step_(
     lr: float,
     betas: tuple,
     eps: float,
-    step: float,
+    step: Union[float, Tensor],
     weight_decay: float = 0.0,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
@@ -103,7 +118,10 @@ def sparse_adam_step_(
         grad_rows: ``(U, D)`` gradient of each row, or ``None`` for the catch-up alone.
         catch_up: ``(U, 4)`` float ``(d, b1, b2, s)`` per row (see :mod:`.reference`), or ``None``.
         lr, betas, eps, weight_decay, decoupled_weight_decay, maximize: as ``torch.optim.Adam``.
-        step: the step count after this step (bias correction), ``>= 1``.
+        step: the step count after this step (bias correction), ``>= 1``: a number, or a one-element
+            floating tensor on ``param``'s device (e.g. ``torch.optim.Adam(capturable=True)``'s
+            ``state["step"]``), whose value is then used on the device only: no host sync, and a
+            captured CUDA graph reads the count current at each replay.
         chunk_bytes: block size of the torch implementation.
     """
     if param.dim() != 2:  # rows of any shape: as (num_rows, row size) views
@@ -126,13 +144,19 @@ def sparse_adam_step_(
         raise ValueError(f"grad_rows must be ({rows.numel()}, {param.shape[1]}), got {tuple(grad_rows.shape)}")
     if catch_up is not None and catch_up.shape != (rows.numel(), 4):
         raise ValueError(f"catch_up must be ({rows.numel()}, 4), got {tuple(catch_up.shape)}")
-    if grad_rows is not None and not step >= 1:
+    step_t = None
+    if isinstance(step, Tensor):
+        if step.numel() != 1 or not step.is_floating_point() or step.device != param.device:
+            raise ValueError(f"step as a tensor must be one floating element on param's device {param.device}, "
+                             f"got {step.dtype} of shape {tuple(step.shape)} on {step.device}")
+        step_t, step = step.reshape(()), 1.0  # its value is checked nowhere: that would read it back
+    elif grad_rows is not None and not step >= 1:
         raise ValueError(f"step must be >= 1 (the count after this step), got {step!r}")
     beta1, beta2 = betas
-    step = max(float(step), 1.0)
     impl = "auto" if torch.compiler.is_compiling() else route(param, exp_avg, exp_avg_sq, max_exp_avg_sq)
     _sparse_adam_step_op(
         param, exp_avg, exp_avg_sq, max_exp_avg_sq, rows, grad_rows, catch_up, float(lr), float(beta1),
         float(beta2), float(eps), float(weight_decay), bool(decoupled_weight_decay), bool(maximize),
-        float(lr / (1 - beta1**step)), float(math.sqrt(1 - beta2**step)), int(chunk_bytes), impl,
+        *map(float, _bias_corrections(float(step), float(lr), float(beta1), float(beta2))), step_t,
+        int(chunk_bytes), impl,
     )

@@ -138,7 +138,7 @@ def test_opcheck():
     rows, g = torch.tensor([1, 4]), torch.randn(2, 4, generator=gen)
     c = catch_up_coefficients(2, gen)
     for args in ((p, m, v, None, rows, g, None), (p, m, v, v.clone(), rows, g, c), (p, m, v, None, rows, None, c)):
-        opcheck(torch.ops.pkm.sparse_adam_step_, (*args, 1e-2, 0.9, 0.999, 1e-8, 0.1, True, False, 0.1, 0.05,
+        opcheck(torch.ops.pkm.sparse_adam_step_, (*args, 1e-2, 0.9, 0.999, 1e-8, 0.1, True, False, 0.1, 0.05, None,
                                                   1 << 20, "torch"))
 
 

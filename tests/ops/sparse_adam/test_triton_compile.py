@@ -6,7 +6,10 @@ from .._compiled import records
 
 # every case whose three tables share one dtype and whose width is a multiple of 16
 VECTOR_CASES = ("readme fp32", "readme bf16", "readme fp32 adamw", "readme fp32 catch-up",
-                "readme fp32 catch-up alone", "dim 4096 fp32 catch-up", "dim 4096 bf16")
+                "readme fp32 catch-up alone", "dim 4096 fp32 catch-up", "dim 4096 bf16",
+                # the step count read from the device (capturable) changes nothing in the row's accesses
+                "readme fp32 capturable", "readme bf16 capturable", "readme fp32 adamw capturable",
+                "readme fp32 catch-up capturable", "dim 4096 bf16 capturable")
 
 
 def test_kernel_moves_rows_with_16_byte_accesses():
