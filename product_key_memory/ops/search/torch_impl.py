@@ -117,7 +117,9 @@ def _both_half_scores(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tens
         # other GEMM shape)
         lhs = torch.empty(heads, 2, 2, d, dtype=dtype, device=q.device)
         torch.mul(q[0].transpose(0, 1).unsqueeze(2), _half_blocks(dtype, q.device), out=lhs)  # (H, 2, 2, d)
-        scores = torch.bmm(lhs.view(heads, 2, 2 * d), k.view(heads, num_keys, 2 * d).transpose(1, 2))
+        scores = torch.empty(heads, 2, num_keys, dtype=dtype, device=q.device)
+        # with out=, never autocast: under bf16 autocast the product would otherwise score in bf16
+        torch.bmm(lhs.view(heads, 2, 2 * d), k.view(heads, num_keys, 2 * d).transpose(1, 2), out=scores)
         return scores.transpose(0, 1).unsqueeze(2)  # (2, H, 1, num_keys), a view
     out = torch.empty(2, heads, n, num_keys, dtype=dtype, device=q.device)
     # views (half, head, ...) of both, taken once: each half below is then one select

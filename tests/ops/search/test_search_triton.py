@@ -246,3 +246,20 @@ def test_compile_cases_name_every_kernel_argument():
 def test_cuda_search_real_sizes(K, topk, dtype):
     check_search(*exact_inputs(64, 4, K, 128, dtype, "cuda", lo=-2, hi=2), topk)
     check_search(*exact_inputs(8, 4, K, 128, dtype, "cuda", lo=0, hi=0), topk)  # all ties
+
+
+@pytest.mark.parametrize("n", [1, 5])  # one token takes the decoding step's own product
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_autocast_scores_in_float32_on_every_path(backend, n):
+    """Under bf16 autocast the sub-key scores stay float32 (the specification), so a decoding step
+    selects what a batched call selects, and the triton selection gets the float32 scores it takes."""
+    gen = torch.Generator().manual_seed(n)
+    q = torch.randn(n, 3, 2, 16, generator=gen)
+    keys = torch.randn(3, 64, 2, 16, generator=gen).transpose(1, 2)  # a layer's keys: a transposed view
+    with use_backend(backend):
+        want_scores, want_slots = entry.search(q, keys, 8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            scores, slots = entry.search(q, keys, 8)
+    assert scores.dtype == torch.float32
+    assert torch.equal(slots, want_slots)
+    assert_close(scores, want_scores, rtol=0, atol=0)
