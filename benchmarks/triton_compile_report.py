@@ -28,9 +28,9 @@ from product_key_memory.ops import _compile  # noqa: E402
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", nargs="+", default=None, help="ops (default: every ops/<op>/triton_impl.py)")
-    parser.add_argument("--cc", nargs="+", type=int, default=list(_compile.DEFAULT_CCS), help="compute capabilities")
+    parser.add_argument("--cc", nargs="+", type=int, default=list(_compile.DEFAULT_CCS), help="compute capabilities (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "triton_compile",
-                        help="output path without suffix: writes .json and .md")
+                        help="output path without suffix: writes .json and .md (default: %(default)s)")
     args = parser.parse_args(argv)
 
     result = _compile.build_in_child(args.ops, args.cc)

@@ -45,15 +45,16 @@ def recall(rank: int, first_stage: str, init: str, candidates: int, args) -> flo
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--num-keys", type=int, default=128)
-    p.add_argument("--topk", type=int, default=16)
-    p.add_argument("--dim-head", type=int, default=32)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--cores", type=int, default=2)
-    p.add_argument("--queries", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=OUT)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--num-keys", type=int, default=128, help="sub-keys per half")
+    p.add_argument("--topk", type=int, default=16, help="slots per head")
+    p.add_argument("--dim-head", type=int, default=32, help="width of a query half")
+    p.add_argument("--heads", type=int, default=2, help="query heads")
+    p.add_argument("--cores", type=int, default=2, help="Tucker cores")
+    p.add_argument("--queries", type=int, default=1024, help="random queries")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--out", type=Path, default=OUT, help="output path (writes .json and .md)")
     args = p.parse_args(argv)
     rows = []
     for init in ("uniform", "normal"):
