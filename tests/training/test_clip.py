@@ -114,3 +114,21 @@ def test_works_after_build_optimizer_where_torch_does_not():
     clipped = torch.linalg.vector_norm(torch.cat([p.grad.to_dense().reshape(-1) for p in model.parameters()]))
     torch.testing.assert_close(clipped, torch.tensor(1e-3), rtol=1e-4, atol=0)
     opt.step()
+
+
+def test_uncoalesced_sparse_gradient_is_clipped_without_a_host_read():
+    """The triton backend's gradient (one entry per read, repeats) is summed by a segmented sum of fixed
+    size, not ``coalesce()`` (whose size depends on the data: a read back from a GPU)."""
+    from .test_step_no_sync import SyncRecorder
+
+    table = nn.Parameter(torch.randn(10, 4))
+    table.grad = torch.sparse_coo_tensor(torch.tensor([[3, 1, 3, 7, 1]]), torch.randn(5, 4), table.shape)
+    dense = nn.Parameter(table.detach().clone())
+    dense.grad = table.grad.to_dense()
+    (other,) = _params(((6,),))
+    (dense_other,) = _clone([other])
+    with SyncRecorder() as rec:
+        total = clip_grad_norm_([table, other], 0.3)
+    assert rec.seen == [], rec.seen
+    torch.testing.assert_close(total, nn.utils.clip_grad_norm_([dense, dense_other], 0.3))
+    torch.testing.assert_close(table.grad.to_dense(), dense.grad)
