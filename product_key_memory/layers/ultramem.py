@@ -144,7 +144,9 @@ class UltraMem(nn.Module):
         weights = self.scoring(scores.transpose(-1, -2)).transpose(-1, -2)  # over each core's k slots, fp32
         cores = weights.shape[-1]
         pieces = slots.unsqueeze(-1) * cores + torch.arange(cores, device=slots.device)  # piece c of each slot
-        out = self.values(pieces.reshape(-1, heads * k * cores), weights.reshape(-1, heads * k * cores))
+        # every piece of each slot, in order: the table reads each stored row once per slot
+        out = self.values(pieces.reshape(-1, heads * k * cores), weights.reshape(-1, heads * k * cores),
+                          whole_slots=True)
         return out.view(*lead, self.dim)
 
     def extra_repr(self) -> str:

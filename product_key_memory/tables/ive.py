@@ -68,8 +68,9 @@ class ImplicitValues(ValueTable):
     Shape:
         - indices and weights ``(..., m)`` (weights ``None``: all ones); output ``(..., dim)``.
 
-    A physical row is read once per piece read (``pkm::value_read`` of single rows), then grouped by
-    projection and piece with an einsum: no fused kernel.
+    A physical row is read once per piece read (``pkm::value_read`` of single rows; once per slot with
+    ``whole_slots=True``), its pieces weighted, then grouped by projection with one batched matmul
+    against the one-hot groups: no fused kernel.
     """
 
     supports_sparse_grad = False  # the rows' table takes sparse gradients itself; proj is dense
@@ -126,23 +127,41 @@ class ImplicitValues(ValueTable):
         p = self.mapping[virtual]
         return (p % self.rows + self.offset) % self.store.num_slots, p // self.rows
 
-    def read(self, indices: Tensor, weights: Optional[Tensor], *, trainable: Optional[Tensor] = None) -> Tensor:
+    def forward(self, indices: Tensor, weights: Optional[Tensor] = None, *, trainable: Optional[Tensor] = None,
+                whole_slots: bool = False) -> Tensor:
+        return self.read(indices, weights, trainable=trainable, whole_slots=whole_slots)
+
+    def read(self, indices: Tensor, weights: Optional[Tensor], *, trainable: Optional[Tensor] = None,
+             whole_slots: bool = False) -> Tensor:
+        """:meth:`ValueTable.read`; with ``whole_slots=True`` the caller promises that ``indices`` hold every
+        piece of each slot in order (``(..., S * chunks)``: ``s * chunks + 0, ..., s * chunks + chunks - 1``,
+        as :class:`~product_key_memory.UltraMem` reads), and each stored row is then read once per slot
+        instead of once per piece (the same output; nothing checks the promise)."""
         if trainable is not None:
             raise ValueError("trainable is not supported by ImplicitValues (its rows are shared by several slots); "
                              "pass trainable=None")
         if weights is not None and weights.shape != indices.shape:
             raise ValueError(f"weights must have the shape of indices {tuple(indices.shape)}, "
                              f"got {tuple(weights.shape)}")
-        virtual, piece = indices // self.chunks, indices % self.chunks
-        row, group = self.physical(virtual)  # (..., m)
-        rows = self.store(row.unsqueeze(-1))  # (..., m, value_dim): one read of one row each, through the table
-        rows = rows.unflatten(-1, (self.chunks, self.value_dim // self.chunks))  # (..., m, C, value_dim / C)
-        if weights is None:
-            weights = rows.new_ones(indices.shape)
-        at = F.one_hot(group * self.chunks + piece, self.expansion * self.chunks).to(rows.dtype)  # (..., m, E*C)
-        at = at.unflatten(-1, (self.expansion, self.chunks)) * weights.to(rows.dtype)[..., None, None]
-        grouped = torch.einsum("...mec,...mcd->...ecd", at, rows)  # (..., E, C, vd/C): only piece c of each read
-        return self.proj(grouped.flatten(-3))
+        c = self.chunks
+        if whole_slots and indices.shape[-1] % c:
+            raise ValueError(f"with whole_slots=True indices must have a multiple of chunks={c} columns, "
+                             f"got shape {tuple(indices.shape)}")
+        if whole_slots:
+            virtual = indices[..., ::c] // c  # (..., S)
+            mask = None if weights is None else weights.unflatten(-1, (-1, c))  # (..., S, C): piece c's weight
+        else:
+            virtual = indices // c  # (..., m)
+            mask = F.one_hot(indices % c, c)  # (..., m, C): only its own piece of the row
+            mask = mask if weights is None else mask * weights.unsqueeze(-1)
+        row, group = self.physical(virtual)
+        rows = self.store(row.unsqueeze(-1))  # (..., S, value_dim): one read of one row each, through the table
+        if mask is not None:
+            pieces = rows.unflatten(-1, (c, self.value_dim // c)) * mask.to(rows.dtype).unsqueeze(-1)
+            rows = pieces.flatten(-2)  # (..., S, value_dim): each piece times its weight
+        at = F.one_hot(group, self.expansion).to(rows.dtype)  # (..., S, E)
+        grouped = torch.matmul(at.transpose(-1, -2), rows)  # (..., E, value_dim) = (E, C, value_dim / C) flat
+        return self.proj(grouped.flatten(-2))
 
     def quantized(self, format: str) -> "ImplicitValues":
         """For :func:`~product_key_memory.quantize_values_`: this table itself, unchanged. The stored rows

@@ -42,6 +42,10 @@ def test_read_is_the_explicitly_expanded_table(chunks):
     want = torch.stack([table.proj.weight[:, g * VALUE_DIM:(g + 1) * VALUE_DIM] @ table.store.weight[r]
                         for r, g in zip(rows.flatten(), groups.flatten())]).view(5, 3, DIM).sum(1)
     assert_close(table(whole.flatten(-2), None), want, msg="all pieces of a slot read the whole row")
+    assert_close(table(whole.flatten(-2), None, whole_slots=True), want, msg="whole_slots, unweighted")
+    ww = torch.randn(5, 3 * chunks, dtype=torch.float64)
+    assert_close(table(whole.flatten(-2), ww, whole_slots=True),
+                 torch.einsum("...m,...md->...d", ww, big[whole.flatten(-2)]), msg="whole_slots, weighted")
 
 
 def test_every_row_serves_expansion_slots():
@@ -86,6 +90,10 @@ def test_gradcheck_float64():
     idx = torch.randint(0, 24, (2, 5))
     w = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda w, *_: table(idx, w), (w, table.store.weight, table.proj.weight))
+    whole = (torch.randint(0, 12, (2, 3)).unsqueeze(-1) * 2 + torch.arange(2)).flatten(-2)  # every piece of a slot
+    w = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w, *_: table(whole, w, whole_slots=True),
+                                    (w, table.store.weight, table.proj.weight))
 
 
 def test_is_a_value_table_and_checks_arguments():
@@ -108,6 +116,9 @@ def test_is_a_value_table_and_checks_arguments():
         table(torch.zeros(1, 2, dtype=torch.long), None, trainable=torch.ones(SLOTS, dtype=torch.bool))
     with pytest.raises(ValueError, match="weights"):
         table(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 3))
+    with pytest.raises(ValueError, match="whole_slots"):
+        ImplicitValues(SLOTS, DIM, expansion=EXPANSION, value_dim=VALUE_DIM, chunks=2)(
+            torch.zeros(1, 3, dtype=torch.long), whole_slots=True)
 
 
 def test_usage_tracker_counts_the_pieces_read():
