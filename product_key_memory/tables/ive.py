@@ -69,8 +69,8 @@ class ImplicitValues(ValueTable):
         - indices and weights ``(..., m)`` (weights ``None``: all ones); output ``(..., dim)``.
 
     A physical row is read once per piece read (``pkm::value_read`` of single rows; once per slot with
-    ``whole_slots=True``), its pieces weighted, then grouped by projection with one batched matmul
-    against the one-hot groups: no fused kernel.
+    ``whole_slots=True``), then grouped by projection and piece with one batched matmul against the
+    weighted one-hot groups: no fused kernel.
     """
 
     supports_sparse_grad = False  # the rows' table takes sparse gradients itself; proj is dense
@@ -156,12 +156,16 @@ class ImplicitValues(ValueTable):
             mask = mask if weights is None else mask * weights.unsqueeze(-1)
         row, group = self.physical(virtual)
         rows = self.store(row.unsqueeze(-1))  # (..., S, value_dim): one read of one row each, through the table
-        if mask is not None:
-            pieces = rows.unflatten(-1, (c, self.value_dim // c)) * mask.to(rows.dtype).unsqueeze(-1)
-            rows = pieces.flatten(-2)  # (..., S, value_dim): each piece times its weight
         at = F.one_hot(group, self.expansion).to(rows.dtype)  # (..., S, E)
-        grouped = torch.matmul(at.transpose(-1, -2), rows)  # (..., E, value_dim) = (E, C, value_dim / C) flat
-        return self.proj(grouped.flatten(-2))
+        if mask is None:  # every piece at weight 1: the whole rows, grouped
+            return self.proj(torch.matmul(at.transpose(-1, -2), rows).flatten(-2))  # (..., E * value_dim)
+        # the pieces' weights go into the grouping matmul, (E * C) sums of whole rows, of which the sum for
+        # piece c keeps piece c: C times the matmul's work, but no weighted copy of the rows
+        a = (at.unsqueeze(-1) * mask.to(rows.dtype).unsqueeze(-2)).flatten(-2)  # (..., S, E * C)
+        sums = torch.matmul(a.transpose(-1, -2), rows)  # (..., E * C, value_dim)
+        sums = sums.unflatten(-1, (c, self.value_dim // c)).unflatten(-3, (self.expansion, c))  # (..., E, C, C, vd/C)
+        grouped = sums.diagonal(dim1=-3, dim2=-2).transpose(-1, -2)  # (..., E, C, vd/C): piece c of sum c
+        return self.proj(grouped.flatten(-3))
 
     def quantized(self, format: str) -> "ImplicitValues":
         """For :func:`~product_key_memory.quantize_values_`: this table itself, unchanged. The stored rows
