@@ -13,6 +13,8 @@ tensors), and an ``__init__.py`` with its ``torch.library.custom_op`` registrati
 * :func:`product_key_memory.ops.sparse_adam.sparse_adam_step_`: Adam on the rows of a sparse
   gradient (``pkm::sparse_adam_step_``);
 * :func:`product_key_memory.ops.topk.topk_lower_index`: the tie-ruled top-k they share.
+* :func:`product_key_memory.ops.tucker_search.tucker_search`: UltraMem's Tucker-decomposed search (plain
+  autograd through torch ops; no custom op and no kernel yet).
 
 Backends (:mod:`.backend`): chosen by device, forced with :func:`use_backend`. Every backend
 selects the same slots: on equal scores the lower index wins.
