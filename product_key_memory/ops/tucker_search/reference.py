@@ -64,17 +64,8 @@ def kept(s: Tensor, m: int, first_stage: str) -> Tensor:
 def tucker_search(
     queries: Tensor, keys: Tensor, core: Tensor, topk: int, *, candidates: int, first_stage: str = "two_sided"
 ) -> Tuple[Tensor, Tensor]:
-    """The TDQKR search of :class:`~product_key_memory.parts.tucker.TuckerKeys`, stateless.
-
-    Args:
-        queries: ``(..., heads, 2, dim_head)``; keys: ``(heads, 2, rank, num_keys, dim_head)`` (as used:
-            normalise them first); core: ``(cores, heads, rank, rank)``.
-        topk, candidates, first_stage: as :class:`~product_key_memory.parts.tucker.TuckerKeys`.
-
-    Returns:
-        ``scores`` ``(..., heads, topk, cores)`` (float32, float64 for float64 input) and ``slots``
-        ``(..., heads, topk)``, slot ``i * num_keys + j``, best first by the summed score.
-    """
+    """The specification of the entry :func:`product_key_memory.ops.tucker_search.tucker_search` (the same
+    arguments and results), written plainly."""
     heads, _, r, num_keys, d = keys.shape
     lead = queries.shape[:-3]
     q = queries.reshape(-1, heads, 2, d)  # (N, H, 2, d)
