@@ -64,3 +64,17 @@ def test_skip_reasons_name_the_extra():
     assert "--no-deps" in _extras.reason("memorizing_transformers_pytorch")
     with pytest.raises(KeyError, match="in no extra"):
         _extras.reason("not_a_module")
+
+
+def test_optional_modules_skip_through_extras_so_the_reason_names_the_extra():
+    """``pytest.importorskip("triton")`` would skip without saying which extra installs it."""
+    plain = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        if path.name == "_extras.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "importorskip" \
+                    and getattr(node.func.value, "id", None) == "pytest" and node.args \
+                    and isinstance(node.args[0], ast.Constant) and node.args[0].value not in BASE:
+                plain.append(f"{path.relative_to(ROOT)}:{node.lineno} ({node.args[0].value})")
+    assert not plain, "use tests/_extras.importorskip for these: " + ", ".join(plain)

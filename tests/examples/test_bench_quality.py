@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from .._extras import importorskip
 import torch
 from torch import nn
 
@@ -112,7 +113,7 @@ def test_kinds_mode_refuses_unknown_kinds(tmp_path):
 
 
 def test_optimizer_mode_still_runs(tmp_path):
-    pytest.importorskip("matplotlib")
+    importorskip("matplotlib")
     results = bq.main([*TINY, "--variants", "lazy", "dense", "--out", str(tmp_path / "opt.json")])
     assert list(results) == [64] and set(results[64]) == {"lazy", "dense"}
     assert (tmp_path / "opt.json").exists()

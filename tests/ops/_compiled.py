@@ -7,6 +7,7 @@ import functools
 from typing import List
 
 import pytest
+from .._extras import importorskip
 
 from product_key_memory.ops import _compile
 
@@ -20,7 +21,7 @@ def _build_all() -> dict:
 
 def records(op: str) -> List[dict]:
     """``op``'s build records; skips the calling test where Triton cannot build for CUDA here."""
-    pytest.importorskip("triton")
+    importorskip("triton")
     result = _build_all()
     if "unavailable" in result:
         pytest.skip(f"Triton cannot build kernels for CUDA here: {result['unavailable']}")

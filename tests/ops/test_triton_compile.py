@@ -4,6 +4,7 @@ memory. Registers and spills per kernel are printed (``pytest -s``) and written 
 ``benchmarks/triton_compile_report.py``."""
 
 import pytest
+from .._extras import importorskip
 
 from product_key_memory.ops import _compile
 
@@ -30,7 +31,7 @@ def test_every_variant_builds_for_sm90_and_sm80_without_spills_at_defaults(op):
 
 def test_harness_reports_spills_and_build_errors():
     """The harness on a kernel made to spill, and on a case that cannot build (sm_90 only)."""
-    pytest.importorskip("triton")
+    importorskip("triton")
     result = _compile.build_in_child(["tests.ops._compile_fixture"], ccs=(90,), timeout=600)
     if "unavailable" in result:
         pytest.skip(f"Triton cannot build kernels for CUDA here: {result['unavailable']}")

@@ -3,10 +3,11 @@ uncoalesced) steps the same rows, by the same amounts, as on the torch backend's
 lazy Adam moves exactly the rows read with a non-zero weight that are trainable, each once."""
 
 import pytest
+from .._extras import importorskip
 import torch
 from torch.testing import assert_close
 
-pytest.importorskip("triton")
+importorskip("triton")
 
 from product_key_memory import SparseRowAdam, use_backend  # noqa: E402
 from product_key_memory import functional as PF  # noqa: E402

@@ -9,10 +9,11 @@ Without ``capturable`` the capture is refused. The CPU tests of the same path: t
 import copy
 
 import pytest
+from .._extras import importorskip
 import torch
 from torch.testing import assert_close
 
-pytest.importorskip("triton")
+importorskip("triton")
 
 from product_key_memory import PKM, build_optimizer, use_backend  # noqa: E402
 

@@ -12,10 +12,11 @@ run the same step under ``torch.cuda.set_sync_debug_mode("error")`` and inside a
 """
 
 import pytest
+from .._extras import importorskip
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-pytest.importorskip("triton")
+importorskip("triton")
 
 from product_key_memory import PKM, build_optimizer, use_backend  # noqa: E402
 from product_key_memory.training import optim as optim_module  # noqa: E402

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from ..._extras import importorskip
 
-pytest.importorskip("triton")
+importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -7,10 +7,11 @@ out-of-range slots. Each runs on CPU tensors under the interpreter and, marked `
 """
 
 import pytest
+from ..._extras import importorskip
 import torch
 from torch.testing import assert_close
 
-pytest.importorskip("triton")
+importorskip("triton")
 
 from product_key_memory import functional as PF  # noqa: E402
 from product_key_memory import use_backend  # noqa: E402
