@@ -66,23 +66,29 @@ def test_fence_parser():
     assert python_blocks(text) == [Block(6, "B ~", "x = 1\n  y = 2"), Block(10, "B ~", "z")]
 
 
-@pytest.mark.parametrize("block", [pytest.param(b, id=block_id(b)) for b in BLOCKS])
-def test_readme_block_runs(block, tmp_path):
-    script = tmp_path / f"readme_L{block.line}.py"
+def run_block(block: Block, where: str, folder: Path) -> None:
+    """Run ``block`` as a reader pastes it: alone, in a fresh interpreter, in the empty ``folder``. ``where``
+    names its page in messages. A block of an optional integration skips on an install without its extra
+    (tests/_extras.py names it)."""
+    script = folder / f"{Path(where).stem}_L{block.line}.py"
     script.write_text(block.code + "\n", encoding="utf-8")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)  # a block is run as a reader pastes it, not under a launcher
     try:
-        run = subprocess.run([sys.executable, script.name], cwd=tmp_path, env=env, capture_output=True, text=True,
+        run = subprocess.run([sys.executable, script.name], cwd=folder, env=env, capture_output=True, text=True,
                              timeout=TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"README.md line {block.line} ({block.heading}): still running after {TIMEOUT_S} s")
+        pytest.fail(f"{where} line {block.line} ({block.heading}): still running after {TIMEOUT_S} s")
     if run.returncode != 0:
-        # a block of an optional integration skips on an install without its extra (tests/_extras.py names it)
         missing = re.findall(r"ModuleNotFoundError: No module named '([\w.]+)'", run.stderr)
         if missing and missing[-1].split(".")[0] in _extras.EXTRAS and _extras.missing(missing[-1].split(".")[0]):
             pytest.skip(_extras.reason(missing[-1].split(".")[0]))
-        pytest.fail(f"README.md line {block.line} ({block.heading}) exited {run.returncode}:\n{run.stderr[-3000:]}",
+        pytest.fail(f"{where} line {block.line} ({block.heading}) exited {run.returncode}:\n{run.stderr[-3000:]}",
                     pytrace=False)
+
+
+@pytest.mark.parametrize("block", [pytest.param(b, id=block_id(b)) for b in BLOCKS])
+def test_readme_block_runs(block, tmp_path):
+    run_block(block, "README.md", tmp_path)
