@@ -413,6 +413,21 @@ def render_kinds_markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _draw_curves(ax, runs: dict, labels: dict, key: str, title: str, legend_size: int) -> None:
+    """Each run's validation curve against ``key`` (``"step"`` or ``"seconds"``) on ``ax``, the y range from the
+    best final value."""
+    for name, r in runs.items():
+        ax.plot([c[key] for c in r["curve"]], [c["bpb"] for c in r["curve"]], marker="o", markersize=3,
+                label=labels[name])
+    best = min(r["final_bpb"] for r in runs.values())
+    ax.set_ylim(best - 0.1, best + 1.2)
+    ax.set_xlabel("training step" if key == "step" else "training seconds")
+    ax.set_ylabel("validation bits per byte")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
 def plot_kinds(data: dict, path: Path) -> bool:
     """Validation curves of each kind at equal steps and at equal wall-clock; ``False`` without matplotlib."""
     try:
@@ -424,20 +439,14 @@ def plot_kinds(data: dict, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-    finals = [r["final_bpb"] for r in data["kinds"].values()]
+    labels = {kind: f"{kind} ({r['active_params_per_token']:,} active, final {r['final_bpb']:.3f})"
+              for kind, r in data["kinds"].items()}
     for ax, key in zip(axes, ("step", "seconds")):
-        for kind, r in data["kinds"].items():
-            ax.plot([c[key] for c in r["curve"]], [c["bpb"] for c in r["curve"]], marker="o", markersize=3,
-                    label=f"{kind} ({r['active_params_per_token']:,} active, final {r['final_bpb']:.3f})")
+        equal = "steps" if key == "step" else "wall-clock"
+        _draw_curves(ax, data["kinds"], labels, key, f"memory kinds at equal active parameters per token: equal "
+                     f"{equal}", legend_size=7)
         if key == "seconds":
             ax.axvline(data["equal_seconds"], color="grey", linestyle=":", linewidth=1)
-        ax.set_ylim(min(finals) - 0.1, min(finals) + 1.2)
-        ax.set_xlabel("training step" if key == "step" else "training seconds")
-        ax.set_ylabel("validation bits per byte")
-        equal = "steps" if key == "step" else "wall-clock"
-        ax.set_title(f"memory kinds at equal active parameters per token: equal {equal}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -453,18 +462,10 @@ def plot(results, path: Path):
     sizes = list(results)
     fig, axes = plt.subplots(len(sizes), 2, figsize=(10, 3.6 * len(sizes)), dpi=110, squeeze=False)
     for row, size in enumerate(sizes):
+        labels = {variant: f"{variant} (final {r['final_bpb']:.3f})" for variant, r in results[size].items()}
         for col, key in enumerate(("step", "seconds")):
-            ax = axes[row][col]
-            for variant, r in results[size].items():
-                ax.plot([c[key] for c in r["curve"]], [c["bpb"] for c in r["curve"]], marker="o", markersize=3,
-                        label=f"{variant} (final {r['final_bpb']:.3f})")
-            finals = [r["final_bpb"] for r in results[size].values()]
-            ax.set_ylim(min(finals) - 0.1, min(finals) + 1.2)
-            ax.set_xlabel("training step" if key == "step" else "training seconds")
-            ax.set_ylabel("validation bits per byte")
-            ax.set_title(f"{size} slots: at equal {'steps' if key == 'step' else 'wall-clock'}", fontsize=9)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            _draw_curves(axes[row][col], results[size], labels, key,
+                         f"{size} slots: at equal {'steps' if key == 'step' else 'wall-clock'}", legend_size=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
