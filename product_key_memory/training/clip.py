@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..tables.sharded import ShardedValues
+from .optim import merge_repeated_rows
 
 __all__ = ["clip_grad_norm_"]
 
@@ -25,20 +26,15 @@ def _as_dense(grad: Tensor) -> Tensor:
     """The gradient's rows as a dense tensor whose norm is the gradient's.
 
     A COO gradient may repeat a row (uncoalesced, as the triton backend's one entry per read): its
-    norm is that of the summed rows. They are summed by a sort and a segmented sum of fixed size,
-    not ``coalesce()``, whose size depends on the data (a read back from the GPU)."""
+    norm is that of the summed rows. They are summed as ``SparseRowAdam`` sums them, in ops of fixed size,
+    not by ``coalesce()``, whose size depends on the data (a read back from the GPU)."""
     if grad.layout != torch.sparse_coo:
         return grad
     if grad.is_coalesced():
         return grad.values()
     if grad.sparse_dim() != 1:
         return grad.coalesce().values()
-    rows, values = grad._indices()[0], grad._values()
-    rows, order = torch.sort(rows, stable=True)
-    starts = torch.ones_like(rows, dtype=torch.bool)
-    starts[1:] = rows[1:] != rows[:-1]
-    run = torch.cumsum(starts, 0) - 1  # each entry's run of equal rows, in order
-    return torch.zeros_like(values).index_add_(0, run, values[order])
+    return merge_repeated_rows(grad._indices()[0], grad._values())[2]
 
 
 def _sharded_tables(module: nn.Module) -> List[Tuple[Tensor, Optional[dist.ProcessGroup]]]:

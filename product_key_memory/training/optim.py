@@ -426,7 +426,7 @@ class SparseRowAdam(torch.optim.Optimizer):
                 rows, values = grad.indices()[0], grad.values()
                 op_rows = rows
         elif not grad.is_coalesced():  # repeated rows (the triton read gives one entry per read), no host sync
-            rows, op_rows, values = _merge_rows(rows, values)
+            rows, op_rows, values = merge_repeated_rows(rows, values)
         capturable = group["capturable"]
         # capturable: the count stays a tensor on the device, read by the op (and below) there
         step = state["step"].to(torch.int32) if capturable else int(state["step"].item())
@@ -471,9 +471,9 @@ def _host_reads_free(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _merge_rows(rows: Tensor, values: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def merge_repeated_rows(rows: Tensor, values: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """A row-sparse gradient's repeated rows summed, in ops of fixed sizes (no host sync, unlike
-    ``coalesce``). Returns ``(rows, op_rows, grads)``: ``rows`` sorted (repeats kept),
+    ``coalesce``; also :func:`~product_key_memory.training.clip.clip_grad_norm_`'s). Returns ``(rows, op_rows, grads)``: ``rows`` sorted (repeats kept),
     ``op_rows`` each distinct row once then ``-1`` padding, ``grads`` their summed gradients."""
     rows, perm = rows.sort(stable=True)
     starts = torch.ones_like(rows, dtype=torch.bool)
